@@ -1,0 +1,4 @@
+//! The core of csm: wire formats, the store, authentication and the actors
+//! (sessions, presence, mailboxes, message-stream couriers).
+
+pub mod proto;

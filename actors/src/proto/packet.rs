@@ -1,0 +1,231 @@
+//! Session-stream packets: one MessagePack map with string keys per frame,
+//! the key `type` naming the packet. Decoding goes through a generic value
+//! first (with a nesting limit), so that an unknown `type` can be told apart
+//! from a known packet with a field of the wrong type.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::frame::encode_frame;
+
+/// Deepest nesting of MessagePack containers accepted in a packet. Packets
+/// are flat maps; anything deeper is hostile.
+pub const MAX_NESTING: usize = 8;
+
+/// A user's presence as shown to others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Online,
+    Offline,
+    Idle,
+    Back,
+}
+
+/// Every packet of the session stream, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Packet {
+    /// client → server: the first frame of every session.
+    Login { username: String, password: String },
+    /// server → client: the answer to `Login`; `reason` when `ok` is false.
+    LoginResponse {
+        ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// server → client: a registered user.
+    AddUser { username: String },
+    /// server → client: a user's presence; `idle_secs` with `IDLE` only.
+    StatusChange {
+        username: String,
+        status: Status,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idle_secs: Option<u64>,
+    },
+    /// client → server: this session has been idle for `idle_secs`.
+    Idle {
+        #[serde(default)]
+        idle_secs: u64,
+    },
+    /// client → server: this session is in use again.
+    NotIdle {},
+    /// server → client: a message waits in the user's mailbox.
+    MessageAvailable { id: String, from: String, size: u64 },
+}
+
+/// The result of decoding one frame body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    Known(Packet),
+    /// A well-formed map whose `type` this side does not know.
+    Unknown(String),
+}
+
+/// Why a frame body is not a packet. Each closes the stream.
+#[derive(Debug, Error)]
+pub enum PacketError {
+    #[error("body is not MessagePack: {0}")]
+    NotMessagePack(String),
+    #[error("body has {0} bytes after the packet")]
+    TrailingBytes(usize),
+    #[error("packet is not a map with string keys")]
+    NotAMap,
+    #[error("packet has no string `type`")]
+    NoType,
+    #[error("{kind} packet has a missing or mistyped field: {detail}")]
+    BadField { kind: String, detail: String },
+}
+
+const KNOWN_TYPES: [&str; 7] = [
+    "Login",
+    "LoginResponse",
+    "AddUser",
+    "StatusChange",
+    "Idle",
+    "NotIdle",
+    "MessageAvailable",
+];
+
+impl Packet {
+    /// The packet's body: a MessagePack map with `type` first.
+    pub fn to_body(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("packets always serialize")
+    }
+
+    /// The packet as a whole frame, length prefix included.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_frame(&mut out);
+        out
+    }
+
+    /// Appends the whole frame to `out`, so many packets share one buffer.
+    pub fn write_frame(&self, out: &mut Vec<u8>) {
+        encode_frame(&self.to_body(), out);
+    }
+
+    /// Decodes one frame body.
+    pub fn decode(body: &[u8]) -> Result<Decoded, PacketError> {
+        let mut reader = body;
+        let value = rmpv::decode::read_value_with_max_depth(&mut reader, MAX_NESTING)
+            .map_err(|e| PacketError::NotMessagePack(e.to_string()))?;
+        if !reader.is_empty() {
+            return Err(PacketError::TrailingBytes(reader.len()));
+        }
+        let rmpv::Value::Map(entries) = &value else {
+            return Err(PacketError::NotAMap);
+        };
+        let mut kind = None;
+        for (key, field) in entries {
+            let key = key.as_str().ok_or(PacketError::NotAMap)?;
+            if key == "type" {
+                kind = Some(field.as_str().ok_or(PacketError::NoType)?.to_owned());
+            }
+        }
+        let kind = kind.ok_or(PacketError::NoType)?;
+        if !KNOWN_TYPES.contains(&kind.as_str()) {
+            return Ok(Decoded::Unknown(kind));
+        }
+        rmpv::ext::from_value::<Packet>(value)
+            .map(Decoded::Known)
+            .map_err(|e| PacketError::BadField {
+                kind,
+                detail: e.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn not_idle_is_a_map_with_only_type() {
+        assert_eq!(
+            hex(&Packet::NotIdle {}.to_frame()),
+            "00 00 00 0e 81 a4 74 79 70 65 a7 4e 6f 74 49 64 6c 65"
+        );
+    }
+
+    #[test]
+    fn login_response_ok_omits_reason() {
+        let body = Packet::LoginResponse { ok: true, reason: None }.to_body();
+        assert_eq!(hex(&body), "82 a4 74 79 70 65 ad 4c 6f 67 69 6e 52 65 73 70 6f 6e 73 65 a2 6f 6b c3");
+    }
+
+    #[test]
+    fn status_is_an_uppercase_string() {
+        let body = Packet::StatusChange { username: "b".into(), status: Status::Online, idle_secs: None }.to_body();
+        assert!(hex(&body).ends_with("a6 73 74 61 74 75 73 a6 4f 4e 4c 49 4e 45"), "{}", hex(&body));
+    }
+
+    #[test]
+    fn every_packet_round_trips() {
+        let packets = vec![
+            Packet::Login { username: "alice".into(), password: "pw".into() },
+            Packet::LoginResponse { ok: false, reason: Some("bad".into()) },
+            Packet::AddUser { username: "bob".into() },
+            Packet::StatusChange { username: "bob".into(), status: Status::Idle, idle_secs: Some(300) },
+            Packet::StatusChange { username: "bob".into(), status: Status::Back, idle_secs: None },
+            Packet::Idle { idle_secs: 7 },
+            Packet::NotIdle {},
+            Packet::MessageAvailable { id: "m1".into(), from: "bob".into(), size: 1 << 20 },
+        ];
+        for packet in packets {
+            assert_eq!(Packet::decode(&packet.to_body()).unwrap(), Decoded::Known(packet));
+        }
+    }
+
+    fn map(entries: Vec<(&str, rmpv::Value)>) -> Vec<u8> {
+        let value = rmpv::Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect());
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &value).unwrap();
+        out
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_and_idle_secs_defaults() {
+        let body = map(vec![("future", 1.into()), ("type", "Idle".into())]);
+        assert_eq!(Packet::decode(&body).unwrap(), Decoded::Known(Packet::Idle { idle_secs: 0 }));
+    }
+
+    #[test]
+    fn unknown_type_is_reported_not_rejected() {
+        let body = map(vec![("type", "Typing".into()), ("to", "bob".into())]);
+        assert_eq!(Packet::decode(&body).unwrap(), Decoded::Unknown("Typing".into()));
+    }
+
+    #[test]
+    fn wrong_field_type_is_an_error() {
+        let body = map(vec![("type", "Idle".into()), ("idle_secs", "soon".into())]);
+        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+        let body = map(vec![("type", "Idle".into()), ("idle_secs", (-5).into())]);
+        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+        let body = map(vec![("type", "Login".into()), ("username", "a".into())]);
+        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(Packet::decode(&[0xc1]).is_err());
+        assert!(matches!(Packet::decode(&[0x93, 1, 2, 3]), Err(PacketError::NotAMap)));
+        assert!(matches!(Packet::decode(&[0x81, 0x01, 0x02]), Err(PacketError::NotAMap)));
+        assert!(matches!(Packet::decode(&[0x80]), Err(PacketError::NoType)));
+        let mut trailing = Packet::NotIdle {}.to_body();
+        trailing.push(0);
+        assert!(matches!(Packet::decode(&trailing), Err(PacketError::TrailingBytes(1))));
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected() {
+        let mut body = vec![0x81, 0xa1, b'x'];
+        body.extend(std::iter::repeat(0x91).take(10_000));
+        body.push(0xc0);
+        assert!(matches!(Packet::decode(&body), Err(PacketError::NotMessagePack(_))));
+    }
+}
