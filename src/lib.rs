@@ -1,1 +1,10 @@
-pub fn y(){}
+//! csm, the program around the actors: configuration, TLS, the server's
+//! start and shutdown, the admin client and the client library used by the
+//! simulator and the tests.
+
+pub mod admin;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod serve;
+pub mod tls;

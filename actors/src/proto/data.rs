@@ -7,7 +7,11 @@
 //! never looks inside attachment bodies. The server streams data through it
 //! from the socket; [`MessageData::parse`] runs it over a slice.
 
+use std::io;
+use std::time::Duration;
+
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::mutf8;
 
@@ -162,7 +166,11 @@ impl DataScanner {
 
     fn string_of(&self, len: usize, next: fn(usize) -> State) -> Result<State, DataError> {
         self.reserve(len)?;
-        Ok(if len == 0 { self.after_empty_string(next) } else { next(len) })
+        Ok(if len == 0 {
+            self.after_empty_string(next)
+        } else {
+            next(len)
+        })
     }
 
     /// An empty string completes at once: step past it.
@@ -305,13 +313,68 @@ impl MessageData {
             rest = tail;
         }
         if !rest.is_empty() {
-            return Err(DataError::Malformed(format!("{} bytes after the data", rest.len())));
+            return Err(DataError::Malformed(format!(
+                "{} bytes after the data",
+                rest.len()
+            )));
         }
         Ok(MessageData {
             text_mutf8: text,
             attachments,
         })
     }
+}
+
+/// Largest read of an attachment body at once, so that a peer announcing a
+/// large attachment and sending it slowly holds only what it has sent.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Why message data could not be read from a stream.
+#[derive(Debug, Error)]
+pub enum ReadDataError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("message data ends early")]
+    Eof,
+    #[error("message data stalled for {0:?}")]
+    Stalled(Duration),
+    #[error("i/o error: {0}")]
+    Io(io::Error),
+}
+
+/// Reads exactly one message's data from `reader`, checking it as it
+/// arrives; every read must bring bytes within `stall`.
+pub async fn read_data<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: DataLimits,
+    stall: Duration,
+) -> Result<Vec<u8>, ReadDataError> {
+    let mut scanner = DataScanner::new(limits);
+    let mut data = Vec::new();
+    while let Some(need) = scanner.needed() {
+        let start = data.len();
+        let want = if scanner.in_body() {
+            need.min(BODY_CHUNK)
+        } else {
+            need
+        };
+        data.resize(start + want, 0);
+        let mut filled = 0;
+        // Fields are read whole; a body may be fed in pieces.
+        while filled == 0 || (!scanner.in_body() && filled < want) {
+            let read = tokio::time::timeout(stall, reader.read(&mut data[start + filled..]))
+                .await
+                .map_err(|_| ReadDataError::Stalled(stall))?
+                .map_err(ReadDataError::Io)?;
+            if read == 0 {
+                return Err(ReadDataError::Eof);
+            }
+            filled += read;
+        }
+        data.truncate(start + filled);
+        scanner.feed(&data[start..])?;
+    }
+    Ok(data)
 }
 
 fn write_utf(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), DataError> {
@@ -335,7 +398,10 @@ mod tests {
 
     fn round_trip(data: &MessageData) {
         let bytes = data.encode().unwrap();
-        assert_eq!(&MessageData::parse(&bytes, DataLimits::default()).unwrap(), data);
+        assert_eq!(
+            &MessageData::parse(&bytes, DataLimits::default()).unwrap(),
+            data
+        );
     }
 
     #[test]
@@ -347,7 +413,10 @@ mod tests {
 
     #[test]
     fn nul_and_supplementary_characters() {
-        let data = MessageData::new("a\0b 😀", vec![Attachment::new("nul\0😀.txt", b"x".to_vec())]);
+        let data = MessageData::new(
+            "a\0b 😀",
+            vec![Attachment::new("nul\0😀.txt", b"x".to_vec())],
+        );
         round_trip(&data);
         assert_eq!(data.text(), "a\0b 😀");
         assert_eq!(data.attachments[0].name(), "nul\0😀.txt");
@@ -355,13 +424,18 @@ mod tests {
 
     #[test]
     fn empty_attachment_and_empty_name() {
-        round_trip(&MessageData::new("t", vec![Attachment::new("", vec![]), Attachment::new("b", vec![1])]));
+        round_trip(&MessageData::new(
+            "t",
+            vec![Attachment::new("", vec![]), Attachment::new("b", vec![1])],
+        ));
     }
 
     #[test]
     fn sixteen_mib_of_attachments() {
         let chunk = DEFAULT_MAX_DATA / 4 - 64;
-        let attachments = (0..4u8).map(|i| Attachment::new(&format!("part{i}"), vec![i; chunk])).collect();
+        let attachments = (0..4u8)
+            .map(|i| Attachment::new(&format!("part{i}"), vec![i; chunk]))
+            .collect();
         let data = MessageData::new("big", attachments);
         let bytes = data.encode().unwrap();
         assert!(bytes.len() > 16 * 1024 * 1024 - 1024 && bytes.len() <= DEFAULT_MAX_DATA);
@@ -371,40 +445,75 @@ mod tests {
     #[test]
     fn over_the_size_limit_is_too_large() {
         let data = MessageData::new("x", vec![Attachment::new("a", vec![0; 100])]);
-        let limits = DataLimits { max_bytes: 50, max_attachments: 10 };
-        assert!(matches!(MessageData::parse(&data.encode().unwrap(), limits), Err(DataError::TooLarge(_))));
+        let limits = DataLimits {
+            max_bytes: 50,
+            max_attachments: 10,
+        };
+        assert!(matches!(
+            MessageData::parse(&data.encode().unwrap(), limits),
+            Err(DataError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn too_many_attachments_is_too_large() {
         let data = MessageData::new("x", vec![Attachment::new("a", vec![]); 3]);
-        let limits = DataLimits { max_bytes: 1000, max_attachments: 2 };
-        assert!(matches!(MessageData::parse(&data.encode().unwrap(), limits), Err(DataError::TooLarge(_))));
+        let limits = DataLimits {
+            max_bytes: 1000,
+            max_attachments: 2,
+        };
+        assert!(matches!(
+            MessageData::parse(&data.encode().unwrap(), limits),
+            Err(DataError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn negative_count_and_length_are_malformed() {
         let negative_count = [0, 0, 0xFF, 0xFF, 0xFF, 0xFF];
-        assert!(matches!(MessageData::parse(&negative_count, DataLimits::default()), Err(DataError::Malformed(_))));
+        assert!(matches!(
+            MessageData::parse(&negative_count, DataLimits::default()),
+            Err(DataError::Malformed(_))
+        ));
         let negative_len = [0, 0, 0, 0, 0, 1, 0, 1, b'a', 0x80, 0, 0, 0];
-        assert!(matches!(MessageData::parse(&negative_len, DataLimits::default()), Err(DataError::Malformed(_))));
+        assert!(matches!(
+            MessageData::parse(&negative_len, DataLimits::default()),
+            Err(DataError::Malformed(_))
+        ));
     }
 
     #[test]
     fn counts_past_the_data_are_malformed() {
         let claims_two = [0, 0, 0, 0, 0, 2, 0, 1, b'a', 0, 0, 0, 0];
-        assert!(matches!(MessageData::parse(&claims_two, DataLimits::default()), Err(DataError::Malformed(_))));
+        assert!(matches!(
+            MessageData::parse(&claims_two, DataLimits::default()),
+            Err(DataError::Malformed(_))
+        ));
         let long_text = [0, 9, b'a'];
-        assert!(matches!(MessageData::parse(&long_text, DataLimits::default()), Err(DataError::Malformed(_))));
+        assert!(matches!(
+            MessageData::parse(&long_text, DataLimits::default()),
+            Err(DataError::Malformed(_))
+        ));
     }
 
     #[test]
     fn bad_modified_utf8_is_malformed() {
-        for text in [&[0x80u8][..], &[0xF0, 0x9F, 0x98, 0x80], &[0xC3], &[0xE2, 0x28, 0xA1]] {
+        for text in [
+            &[0x80u8][..],
+            &[0xF0, 0x9F, 0x98, 0x80],
+            &[0xC3],
+            &[0xE2, 0x28, 0xA1],
+        ] {
             let mut bytes = vec![0, text.len() as u8];
             bytes.extend_from_slice(text);
             bytes.extend_from_slice(&[0, 0, 0, 0]);
-            assert!(matches!(MessageData::parse(&bytes, DataLimits::default()), Err(DataError::Malformed(_))), "{text:?}");
+            assert!(
+                matches!(
+                    MessageData::parse(&bytes, DataLimits::default()),
+                    Err(DataError::Malformed(_))
+                ),
+                "{text:?}"
+            );
         }
     }
 
@@ -415,9 +524,48 @@ mod tests {
         assert_eq!(data.encode().unwrap(), bytes);
     }
 
+    #[tokio::test]
+    async fn reads_from_a_stream_in_pieces() {
+        let data = MessageData::new("hi", vec![Attachment::new("a", vec![7; 200_000])])
+            .encode()
+            .unwrap();
+        let (mut tx, mut rx) = tokio::io::duplex(1000);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut tx, &sent)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut tx, b"done\n")
+                .await
+                .unwrap();
+        });
+        let got = read_data(&mut rx, DataLimits::default(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, data);
+        let mut rest = Vec::new();
+        writer.await.unwrap();
+        rx.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"done\n", "reads must stop at the end of the data");
+    }
+
+    #[tokio::test]
+    async fn stream_ending_early_is_eof() {
+        let data = MessageData::new("hi", vec![Attachment::new("a", vec![7; 100])])
+            .encode()
+            .unwrap();
+        let mut cut = &data[..data.len() - 1];
+        assert!(matches!(
+            read_data(&mut cut, DataLimits::default(), Duration::from_secs(5)).await,
+            Err(ReadDataError::Eof)
+        ));
+    }
+
     #[test]
     fn scanner_accepts_body_in_pieces() {
-        let data = MessageData::new("", vec![Attachment::new("a", vec![7; 10])]).encode().unwrap();
+        let data = MessageData::new("", vec![Attachment::new("a", vec![7; 10])])
+            .encode()
+            .unwrap();
         let mut scanner = DataScanner::new(DataLimits::default());
         let mut at = 0;
         while let Some(need) = scanner.needed() {

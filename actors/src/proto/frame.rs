@@ -99,8 +99,14 @@ mod tests {
         encode_frame(b"hello", &mut wire);
         assert_eq!(&wire[..4], &[0, 0, 0, 5]);
         let mut reader = &wire[..];
-        assert_eq!(read_frame(&mut reader, LIMIT, WAIT).await.unwrap().unwrap(), b"hello");
-        assert!(read_frame(&mut reader, LIMIT, WAIT).await.unwrap().is_none());
+        assert_eq!(
+            read_frame(&mut reader, LIMIT, WAIT).await.unwrap().unwrap(),
+            b"hello"
+        );
+        assert!(read_frame(&mut reader, LIMIT, WAIT)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -114,18 +120,31 @@ mod tests {
     #[tokio::test]
     async fn refuses_zero_and_truncated() {
         let mut zero = &[0u8, 0, 0, 0][..];
-        assert!(matches!(read_frame(&mut zero, LIMIT, WAIT).await, Err(FrameError::Empty)));
+        assert!(matches!(
+            read_frame(&mut zero, LIMIT, WAIT).await,
+            Err(FrameError::Empty)
+        ));
         let mut cut = &[0u8, 0, 0, 9, 1, 2][..];
-        assert!(matches!(read_frame(&mut cut, LIMIT, WAIT).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut cut, LIMIT, WAIT).await,
+            Err(FrameError::Truncated)
+        ));
         let mut cut_header = &[0u8, 0][..];
-        assert!(matches!(read_frame(&mut cut_header, LIMIT, WAIT).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut cut_header, LIMIT, WAIT).await,
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[tokio::test]
     async fn a_started_frame_must_finish_in_time() {
         let (mut client, mut server) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut client, &[0, 0]).await.unwrap();
-        let err = read_frame(&mut server, LIMIT, Duration::from_millis(50)).await.unwrap_err();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &[0, 0])
+            .await
+            .unwrap();
+        let err = read_frame(&mut server, LIMIT, Duration::from_millis(50))
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::Timeout(_)));
     }
 }

@@ -148,7 +148,10 @@ pub struct StreamError {
 
 impl StreamError {
     pub fn new(code: ErrorCode, text: impl Into<String>) -> Self {
-        StreamError { code, text: text.into() }
+        StreamError {
+            code,
+            text: text.into(),
+        }
     }
 
     /// The whole line, LF included. CR and LF in the text become spaces.
@@ -227,7 +230,15 @@ mod tests {
     #[tokio::test]
     async fn splits_and_drops_cr() {
         let got = lines(b"alice\r\npw\n\nsend\n", 1024).await;
-        assert_eq!(got, vec![Ok("alice".into()), Ok("pw".into()), Ok("".into()), Ok("send".into())]);
+        assert_eq!(
+            got,
+            vec![
+                Ok("alice".into()),
+                Ok("pw".into()),
+                Ok("".into()),
+                Ok("send".into())
+            ]
+        );
     }
 
     #[tokio::test]
@@ -243,14 +254,22 @@ mod tests {
     #[tokio::test]
     async fn partial_last_line_is_eof() {
         let mut reader = &b"abc"[..];
-        assert!(matches!(read_line(&mut reader, 10).await, Err(LineError::Eof)));
+        assert!(matches!(
+            read_line(&mut reader, 10).await,
+            Err(LineError::Eof)
+        ));
     }
 
     #[test]
     fn error_lines() {
         let e = StreamError::new(ErrorCode::UnknownRecipient, "no user zed\nx");
         assert_eq!(e.to_line(), b"error unknown-recipient no user zed x\n");
-        assert_eq!(StreamError::parse("error quota mailbox of bob is full").unwrap().code, ErrorCode::Quota);
+        assert_eq!(
+            StreamError::parse("error quota mailbox of bob is full")
+                .unwrap()
+                .code,
+            ErrorCode::Quota
+        );
         assert!(StreamError::parse("alice").is_none());
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));

@@ -28,7 +28,12 @@ pub fn validate(bytes: &[u8]) -> Result<(), Mutf8Error> {
             0..=7 => 1,
             12 | 13 => 2,
             14 => 3,
-            _ => return Err(Mutf8Error::BadLead { offset: i, byte: lead }),
+            _ => {
+                return Err(Mutf8Error::BadLead {
+                    offset: i,
+                    byte: lead,
+                })
+            }
         };
         if i + width > bytes.len() {
             return Err(Mutf8Error::Truncated { offset: i });
@@ -128,9 +133,21 @@ mod tests {
     #[test]
     fn rejects_what_read_utf_rejects() {
         assert!(matches!(validate(&[0x80]), Err(Mutf8Error::BadLead { .. })));
-        assert!(matches!(validate(&[0xF0, 0x9F, 0x98, 0x80]), Err(Mutf8Error::BadLead { .. })));
-        assert!(matches!(validate(&[0xC3, 0x41]), Err(Mutf8Error::BadContinuation { .. })));
-        assert!(matches!(validate(&[0xE2, 0x82]), Err(Mutf8Error::Truncated { .. })));
-        assert!(matches!(validate(&[0xE2, 0x82, 0x41]), Err(Mutf8Error::BadContinuation { .. })));
+        assert!(matches!(
+            validate(&[0xF0, 0x9F, 0x98, 0x80]),
+            Err(Mutf8Error::BadLead { .. })
+        ));
+        assert!(matches!(
+            validate(&[0xC3, 0x41]),
+            Err(Mutf8Error::BadContinuation { .. })
+        ));
+        assert!(matches!(
+            validate(&[0xE2, 0x82]),
+            Err(Mutf8Error::Truncated { .. })
+        ));
+        assert!(matches!(
+            validate(&[0xE2, 0x82, 0x41]),
+            Err(Mutf8Error::BadContinuation { .. })
+        ));
     }
 }

@@ -88,6 +88,19 @@ const KNOWN_TYPES: [&str; 7] = [
 ];
 
 impl Packet {
+    /// The packet's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Packet::Login { .. } => "Login",
+            Packet::LoginResponse { .. } => "LoginResponse",
+            Packet::AddUser { .. } => "AddUser",
+            Packet::StatusChange { .. } => "StatusChange",
+            Packet::Idle { .. } => "Idle",
+            Packet::NotIdle {} => "NotIdle",
+            Packet::MessageAvailable { .. } => "MessageAvailable",
+        }
+    }
+
     /// The packet's body: a MessagePack map with `type` first.
     pub fn to_body(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("packets always serialize")
@@ -141,7 +154,11 @@ mod tests {
     use super::*;
 
     fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -154,30 +171,69 @@ mod tests {
 
     #[test]
     fn login_response_ok_omits_reason() {
-        let body = Packet::LoginResponse { ok: true, reason: None }.to_body();
-        assert_eq!(hex(&body), "82 a4 74 79 70 65 ad 4c 6f 67 69 6e 52 65 73 70 6f 6e 73 65 a2 6f 6b c3");
+        let body = Packet::LoginResponse {
+            ok: true,
+            reason: None,
+        }
+        .to_body();
+        assert_eq!(
+            hex(&body),
+            "82 a4 74 79 70 65 ad 4c 6f 67 69 6e 52 65 73 70 6f 6e 73 65 a2 6f 6b c3"
+        );
     }
 
     #[test]
     fn status_is_an_uppercase_string() {
-        let body = Packet::StatusChange { username: "b".into(), status: Status::Online, idle_secs: None }.to_body();
-        assert!(hex(&body).ends_with("a6 73 74 61 74 75 73 a6 4f 4e 4c 49 4e 45"), "{}", hex(&body));
+        let body = Packet::StatusChange {
+            username: "b".into(),
+            status: Status::Online,
+            idle_secs: None,
+        }
+        .to_body();
+        assert!(
+            hex(&body).ends_with("a6 73 74 61 74 75 73 a6 4f 4e 4c 49 4e 45"),
+            "{}",
+            hex(&body)
+        );
     }
 
     #[test]
     fn every_packet_round_trips() {
         let packets = vec![
-            Packet::Login { username: "alice".into(), password: "pw".into() },
-            Packet::LoginResponse { ok: false, reason: Some("bad".into()) },
-            Packet::AddUser { username: "bob".into() },
-            Packet::StatusChange { username: "bob".into(), status: Status::Idle, idle_secs: Some(300) },
-            Packet::StatusChange { username: "bob".into(), status: Status::Back, idle_secs: None },
+            Packet::Login {
+                username: "alice".into(),
+                password: "pw".into(),
+            },
+            Packet::LoginResponse {
+                ok: false,
+                reason: Some("bad".into()),
+            },
+            Packet::AddUser {
+                username: "bob".into(),
+            },
+            Packet::StatusChange {
+                username: "bob".into(),
+                status: Status::Idle,
+                idle_secs: Some(300),
+            },
+            Packet::StatusChange {
+                username: "bob".into(),
+                status: Status::Back,
+                idle_secs: None,
+            },
             Packet::Idle { idle_secs: 7 },
             Packet::NotIdle {},
-            Packet::MessageAvailable { id: "m1".into(), from: "bob".into(), size: 1 << 20 },
+            Packet::MessageAvailable {
+                id: "m1".into(),
+                from: "bob".into(),
+                size: 1 << 20,
+            },
         ];
         for packet in packets {
-            assert_eq!(Packet::decode(&packet.to_body()).unwrap(), Decoded::Known(packet));
+            assert_eq!(
+                Packet::decode(&packet.to_body()).unwrap(),
+                Decoded::Known(packet)
+            );
         }
     }
 
@@ -191,34 +247,58 @@ mod tests {
     #[test]
     fn unknown_keys_are_ignored_and_idle_secs_defaults() {
         let body = map(vec![("future", 1.into()), ("type", "Idle".into())]);
-        assert_eq!(Packet::decode(&body).unwrap(), Decoded::Known(Packet::Idle { idle_secs: 0 }));
+        assert_eq!(
+            Packet::decode(&body).unwrap(),
+            Decoded::Known(Packet::Idle { idle_secs: 0 })
+        );
     }
 
     #[test]
     fn unknown_type_is_reported_not_rejected() {
         let body = map(vec![("type", "Typing".into()), ("to", "bob".into())]);
-        assert_eq!(Packet::decode(&body).unwrap(), Decoded::Unknown("Typing".into()));
+        assert_eq!(
+            Packet::decode(&body).unwrap(),
+            Decoded::Unknown("Typing".into())
+        );
     }
 
     #[test]
     fn wrong_field_type_is_an_error() {
         let body = map(vec![("type", "Idle".into()), ("idle_secs", "soon".into())]);
-        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+        assert!(matches!(
+            Packet::decode(&body),
+            Err(PacketError::BadField { .. })
+        ));
         let body = map(vec![("type", "Idle".into()), ("idle_secs", (-5).into())]);
-        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+        assert!(matches!(
+            Packet::decode(&body),
+            Err(PacketError::BadField { .. })
+        ));
         let body = map(vec![("type", "Login".into()), ("username", "a".into())]);
-        assert!(matches!(Packet::decode(&body), Err(PacketError::BadField { .. })));
+        assert!(matches!(
+            Packet::decode(&body),
+            Err(PacketError::BadField { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_rejected() {
         assert!(Packet::decode(&[0xc1]).is_err());
-        assert!(matches!(Packet::decode(&[0x93, 1, 2, 3]), Err(PacketError::NotAMap)));
-        assert!(matches!(Packet::decode(&[0x81, 0x01, 0x02]), Err(PacketError::NotAMap)));
+        assert!(matches!(
+            Packet::decode(&[0x93, 1, 2, 3]),
+            Err(PacketError::NotAMap)
+        ));
+        assert!(matches!(
+            Packet::decode(&[0x81, 0x01, 0x02]),
+            Err(PacketError::NotAMap)
+        ));
         assert!(matches!(Packet::decode(&[0x80]), Err(PacketError::NoType)));
         let mut trailing = Packet::NotIdle {}.to_body();
         trailing.push(0);
-        assert!(matches!(Packet::decode(&trailing), Err(PacketError::TrailingBytes(1))));
+        assert!(matches!(
+            Packet::decode(&trailing),
+            Err(PacketError::TrailingBytes(1))
+        ));
     }
 
     #[test]
@@ -226,6 +306,9 @@ mod tests {
         let mut body = vec![0x81, 0xa1, b'x'];
         body.extend(std::iter::repeat(0x91).take(10_000));
         body.push(0xc0);
-        assert!(matches!(Packet::decode(&body), Err(PacketError::NotMessagePack(_))));
+        assert!(matches!(
+            Packet::decode(&body),
+            Err(PacketError::NotMessagePack(_))
+        ));
     }
 }

@@ -1,0 +1,335 @@
+//! The message stream: one short-lived handler per connection. It reads the
+//! four header lines, checks the credentials, then either takes a message
+//! (recipients, `c`, data; the mailbox makes it durable; `done`) or hands
+//! one out (the send format; the receiver's `done`; the durable removal;
+//! close). Every failure is one `error <code> <text>` line, then the close,
+//! checked in the contract's order: header, credentials, recipients, data,
+//! quota, id.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::auth::AuthError;
+use crate::messages::{Deliver, Fetch, Remove};
+use crate::proto::data::{read_data, DataError, ReadDataError};
+use crate::proto::lines::{
+    read_line, recipients_block, Action, ErrorCode, Header, LineError, StreamError, DONE,
+};
+use crate::proto::names::{valid_message_id, valid_password, valid_username};
+use crate::services::{OwnedCountGuard, Services};
+
+/// The one answer for an unknown user and a wrong password.
+pub const AUTH_REFUSED: &str = "unknown user or wrong password";
+
+/// After an error, how long unread input is drained so that the close does
+/// not become a reset that hides the error line from the client.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 32 * 1024 * 1024;
+
+/// How an exchange ended early.
+enum Fail {
+    /// Tell the client, then close.
+    Answer(StreamError),
+    /// The peer is gone or cannot be written to; just close.
+    Gone(String),
+}
+
+impl From<StreamError> for Fail {
+    fn from(e: StreamError) -> Self {
+        Fail::Answer(e)
+    }
+}
+
+fn answer(code: ErrorCode, text: impl Into<String>) -> Fail {
+    Fail::Answer(StreamError::new(code, text))
+}
+
+/// Serves one message stream, from its first byte to its close.
+pub async fn serve<S>(stream: S, peer: SocketAddr, services: Arc<Services>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _in_flight = OwnedCountGuard::new(services.clone(), |s| &s.exchanges);
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(16 * 1024, reader);
+    let exchange_timeout = services.timeouts.exchange();
+    let outcome = if services.is_shutting_down() {
+        Err(answer(
+            ErrorCode::Unavailable,
+            "server is shutting down; try again",
+        ))
+    } else {
+        let exchange = Exchange {
+            services: &services,
+            reader: &mut reader,
+            writer: &mut writer,
+        };
+        match tokio::time::timeout(exchange_timeout, exchange.run()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(answer(
+                ErrorCode::Malformed,
+                format!(
+                    "exchange not completed within {}s",
+                    exchange_timeout.as_secs()
+                ),
+            )),
+        }
+    };
+    let write_timeout = services.timeouts.write();
+    match outcome {
+        Ok(()) => {}
+        Err(Fail::Gone(why)) => log::debug!("message stream from {peer}: {why}"),
+        Err(Fail::Answer(error)) => {
+            log::info!("message stream from {peer}: {error}");
+            let _ = tokio::time::timeout(write_timeout, async {
+                writer.write_all(&error.to_line()).await?;
+                writer.flush().await
+            })
+            .await;
+            let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
+            let mut sink = tokio::io::sink();
+            let mut rest = (&mut reader).take(LINGER_BYTES);
+            let drain = tokio::io::copy(&mut rest, &mut sink);
+            let _ = tokio::time::timeout(LINGER, drain).await;
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
+}
+
+struct Exchange<'a, R, W> {
+    services: &'a Services,
+    reader: &'a mut R,
+    writer: &'a mut W,
+}
+
+impl<R, W> Exchange<'_, R, W>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    async fn run(mut self) -> Result<(), Fail> {
+        let header = self.header().await?;
+        let verified = if valid_username(&header.username) && valid_password(&header.password) {
+            self.services
+                .auth
+                .verify(&header.username, &header.password)
+                .await
+        } else {
+            self.services
+                .auth
+                .verify("", &header.password)
+                .await
+                .map(|_| false)
+        };
+        match verified {
+            Ok(true) => {}
+            Ok(false) => return Err(answer(ErrorCode::Auth, AUTH_REFUSED)),
+            Err(AuthError::Busy) => {
+                return Err(answer(ErrorCode::Unavailable, "server busy; try again"))
+            }
+            Err(e) => {
+                return Err(answer(
+                    ErrorCode::Internal,
+                    format!("credential check failed: {e}"),
+                ))
+            }
+        }
+        match header.action {
+            Action::Send => self.send(header).await,
+            Action::Receive => self.receive(header).await,
+        }
+    }
+
+    async fn line(&mut self) -> Result<String, Fail> {
+        let limit = self.services.limits.line_bytes;
+        let wait = self.services.timeouts.read();
+        match tokio::time::timeout(wait, read_line(self.reader, limit)).await {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(LineError::TooLong(n))) => Err(answer(
+                ErrorCode::TooLarge,
+                format!("line longer than {n} bytes"),
+            )),
+            Ok(Err(LineError::NotUtf8)) => Err(answer(ErrorCode::Malformed, "line is not UTF-8")),
+            Ok(Err(LineError::Eof)) => Err(answer(
+                ErrorCode::Malformed,
+                "stream ended inside the header",
+            )),
+            Ok(Err(LineError::Io(e))) => Err(Fail::Gone(format!("read failed: {e}"))),
+            Err(_) => Err(answer(
+                ErrorCode::Malformed,
+                format!("no complete line within {}s", wait.as_secs()),
+            )),
+        }
+    }
+
+    async fn header(&mut self) -> Result<Header, Fail> {
+        let username = self.line().await?;
+        let password = self.line().await?;
+        let message_id = self.line().await?;
+        let action_line = self.line().await?;
+        let action = Action::parse(&action_line)
+            .ok_or_else(|| answer(ErrorCode::Malformed, "action must be send or receive"))?;
+        if !valid_message_id(&message_id) {
+            return Err(answer(
+                ErrorCode::Malformed,
+                "message id must be 1-256 bytes",
+            ));
+        }
+        Ok(Header {
+            username,
+            password,
+            message_id,
+            action,
+        })
+    }
+
+    async fn send(&mut self, header: Header) -> Result<(), Fail> {
+        let recipients = self.recipients().await?;
+        let wait = self.services.timeouts.read();
+        let marker = match tokio::time::timeout(wait, self.reader.read_u8()).await {
+            Ok(Ok(byte)) => byte,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(answer(
+                    ErrorCode::Malformed,
+                    "stream ended before the c byte",
+                ))
+            }
+            Ok(Err(e)) => return Err(Fail::Gone(format!("read failed: {e}"))),
+            Err(_) => return Err(answer(ErrorCode::Malformed, "no c byte in time")),
+        };
+        if marker != b'c' {
+            return Err(answer(
+                ErrorCode::Malformed,
+                "expected the byte c after the empty line",
+            ));
+        }
+        let data = self.data().await?;
+        let delivered = self
+            .services
+            .mailbox
+            .send(Deliver {
+                sender: header.username,
+                id: header.message_id,
+                recipients,
+                data,
+            })
+            .await
+            .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))?;
+        delivered?;
+        self.write(DONE).await
+    }
+
+    async fn recipients(&mut self) -> Result<Vec<String>, Fail> {
+        let max = self.services.limits.recipients;
+        let mut recipients = Vec::new();
+        let mut seen = HashSet::new();
+        let mut lines = 0usize;
+        loop {
+            let line = self.line().await?;
+            if line.is_empty() {
+                break;
+            }
+            lines += 1;
+            if lines > max.saturating_mul(4) {
+                return Err(answer(
+                    ErrorCode::TooLarge,
+                    format!("more than {} recipient lines", lines - 1),
+                ));
+            }
+            if seen.insert(line.clone()) {
+                recipients.push(line);
+                if recipients.len() > max {
+                    return Err(answer(
+                        ErrorCode::TooLarge,
+                        format!("more than {max} recipients"),
+                    ));
+                }
+            }
+        }
+        if recipients.is_empty() {
+            return Err(answer(ErrorCode::Malformed, "no recipients"));
+        }
+        for recipient in &recipients {
+            let exists = valid_username(recipient)
+                && self
+                    .services
+                    .store
+                    .get_user(recipient)
+                    .map_err(|e| answer(ErrorCode::Internal, format!("user lookup failed: {e}")))?
+                    .is_some();
+            if !exists {
+                return Err(answer(
+                    ErrorCode::UnknownRecipient,
+                    format!("no user {recipient}"),
+                ));
+            }
+        }
+        Ok(recipients)
+    }
+
+    /// Reads the message data, mapping each failure to its error code.
+    async fn data(&mut self) -> Result<Vec<u8>, Fail> {
+        let limits = self.services.limits.data();
+        let stall = self.services.timeouts.read();
+        read_data(self.reader, limits, stall)
+            .await
+            .map_err(|e| match e {
+                ReadDataError::Data(DataError::Malformed(text)) => {
+                    answer(ErrorCode::Malformed, text)
+                }
+                ReadDataError::Data(DataError::TooLarge(text)) => answer(ErrorCode::TooLarge, text),
+                ReadDataError::Io(e) => Fail::Gone(format!("read failed: {e}")),
+                other => answer(ErrorCode::Malformed, other.to_string()),
+            })
+    }
+
+    async fn receive(&mut self, header: Header) -> Result<(), Fail> {
+        let mailbox = &self.services.mailbox;
+        let fetched = mailbox
+            .send(Fetch {
+                user: header.username.clone(),
+                id: header.message_id.clone(),
+            })
+            .await
+            .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))??;
+        let mut head = Header {
+            username: fetched.header.sender.clone(),
+            password: String::new(),
+            message_id: header.message_id.clone(),
+            action: Action::Send,
+        }
+        .to_lines();
+        head.extend_from_slice(&recipients_block(&fetched.header.recipients));
+        self.write(&head).await?;
+        self.write(&fetched.data).await?;
+        drop(fetched);
+        let line = self.line().await?;
+        if line != "done" {
+            return Err(answer(ErrorCode::Malformed, "expected done"));
+        }
+        mailbox
+            .send(Remove {
+                user: header.username,
+                id: header.message_id,
+            })
+            .await
+            .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))??;
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Fail> {
+        let write = async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await
+        };
+        // Large answers are bounded by the exchange timeout around us.
+        write
+            .await
+            .map_err(|e| Fail::Gone(format!("write failed: {e}")))
+    }
+}

@@ -1,0 +1,155 @@
+//! The typed messages the actors exchange. Presence and mailbox notices end
+//! up as packets on sessions' outbound queues, encoded once per event.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::Message;
+
+use crate::outbound::Outbound;
+use crate::proto::lines::StreamError;
+use crate::proto::Status;
+use crate::store::MessageHeader;
+
+/// Identifies one session stream for the life of the process.
+pub type SessionId = u64;
+
+/// A fresh session id.
+pub fn next_session_id() -> SessionId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A signed-on session joins presence. Presence queues the sign-on snapshot
+/// (every `AddUser`, then every online user's `StatusChange`) before it
+/// answers, and tells the others if the user just came online or back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub user: String,
+    pub session: SessionId,
+    pub outbound: Outbound,
+    pub peer: SocketAddr,
+}
+
+/// A session ended; the others hear `OFFLINE` or `IDLE` if that changes
+/// how the user is shown.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub user: String,
+    pub session: SessionId,
+}
+
+/// The session's user has been idle for `idle_secs` (an `Idle` packet).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetIdle {
+    pub user: String,
+    pub session: SessionId,
+    pub idle_secs: u64,
+}
+
+/// The session is in use again (a `NotIdle` packet).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetActive {
+    pub user: String,
+    pub session: SessionId,
+}
+
+/// A user was created: everyone online hears `AddUser`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UserAdded {
+    pub user: String,
+}
+
+/// A user was removed: their sessions close and the user leaves the list.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UserRemoved {
+    pub user: String,
+}
+
+/// One user's presence, for the admin client.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UserPresence {
+    pub user: String,
+    pub status: Status,
+    pub idle_secs: Option<u64>,
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// One open session, for the admin client.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SessionInfo {
+    pub peer: String,
+    pub connected_unix: u64,
+    pub idle: bool,
+}
+
+/// Asks presence for every online user.
+#[derive(Message)]
+#[rtype(result = "Vec<UserPresence>")]
+pub struct ListOnline;
+
+/// Stores a message for its recipients, durably; answers once it is on
+/// disk (or once an identical earlier send is), or with the error to send.
+#[derive(Message)]
+#[rtype(result = "Result<(), StreamError>")]
+pub struct Deliver {
+    pub sender: String,
+    pub id: String,
+    /// Repeats already removed, in the order first named.
+    pub recipients: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// A message as a receiver gets it.
+#[derive(Debug)]
+pub struct Fetched {
+    pub header: MessageHeader,
+    pub data: Vec<u8>,
+}
+
+/// Reads a message from a user's mailbox.
+#[derive(Message)]
+#[rtype(result = "Result<Fetched, StreamError>")]
+pub struct Fetch {
+    pub user: String,
+    pub id: String,
+}
+
+/// Removes a message from a user's mailbox, durably (the receiver's `done`).
+#[derive(Message)]
+#[rtype(result = "Result<(), StreamError>")]
+pub struct Remove {
+    pub user: String,
+    pub id: String,
+}
+
+/// A signed-on session wants `MessageAvailable` notices: the mailbox queues
+/// one per waiting message, oldest first, then one per new message.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub user: String,
+    pub session: SessionId,
+    pub outbound: Outbound,
+}
+
+/// A session ended; no more notices for it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub user: String,
+    pub session: SessionId,
+}
+
+/// A user was removed: drop their mailbox.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StreamError>")]
+pub struct DropMailbox {
+    pub user: String,
+}

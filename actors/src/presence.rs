@@ -1,0 +1,271 @@
+//! PresenceActor: who is online, on how many sessions, and who is idle.
+//! Presence is per user across all of that user's sessions; the actor turns
+//! changes into `StatusChange` packets for every other user's sessions,
+//! encoding each packet once and queueing the same bytes everywhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use actix::{Actor, Context, Handler, MessageResult};
+use bytes::Bytes;
+
+use crate::messages::{
+    ListOnline, Register, SessionId, SessionInfo, SetActive, SetIdle, Unregister, UserAdded,
+    UserPresence, UserRemoved,
+};
+use crate::outbound::Outbound;
+use crate::proto::{Packet, Status};
+use crate::store::unix_now;
+
+struct Link {
+    outbound: Outbound,
+    peer: SocketAddr,
+    connected_unix: u64,
+    /// When the session reported idle, and how long it had been idle then.
+    idle: Option<(Instant, u64)>,
+}
+
+impl Link {
+    fn idle_secs(&self, now: Instant) -> Option<u64> {
+        self.idle
+            .map(|(at, before)| before.saturating_add(now.saturating_duration_since(at).as_secs()))
+    }
+}
+
+#[derive(Default)]
+struct OnlineUser {
+    sessions: HashMap<SessionId, Link>,
+}
+
+impl OnlineUser {
+    /// Idle when every session is idle; then the idle time is that of the
+    /// session that went idle last.
+    fn idle_secs(&self, now: Instant) -> Option<u64> {
+        let mut shortest: Option<u64> = None;
+        for link in self.sessions.values() {
+            let secs = link.idle_secs(now)?;
+            shortest = Some(shortest.map_or(secs, |s| s.min(secs)));
+        }
+        shortest
+    }
+
+    fn status_packet(&self, user: &str, now: Instant) -> Packet {
+        match self.idle_secs(now) {
+            Some(secs) => status(user, Status::Idle, Some(secs)),
+            None => status(user, Status::Online, None),
+        }
+    }
+}
+
+fn status(user: &str, status: Status, idle_secs: Option<u64>) -> Packet {
+    Packet::StatusChange {
+        username: user.to_owned(),
+        status,
+        idle_secs,
+    }
+}
+
+/// Owns online and idle state, and the registered-user list shown at
+/// sign-on.
+pub struct PresenceActor {
+    users: BTreeSet<String>,
+    /// Every `AddUser` frame, encoded once and reused until the list changes.
+    user_list_frames: Option<Bytes>,
+    online: BTreeMap<String, OnlineUser>,
+}
+
+impl PresenceActor {
+    pub fn new(users: impl IntoIterator<Item = String>) -> Self {
+        PresenceActor {
+            users: users.into_iter().collect(),
+            user_list_frames: None,
+            online: BTreeMap::new(),
+        }
+    }
+
+    fn user_list_frames(&mut self) -> Bytes {
+        let users = &self.users;
+        self.user_list_frames
+            .get_or_insert_with(|| {
+                let mut frames = Vec::with_capacity(users.len() * 32);
+                for user in users {
+                    Packet::AddUser {
+                        username: user.clone(),
+                    }
+                    .write_frame(&mut frames);
+                }
+                Bytes::from(frames)
+            })
+            .clone()
+    }
+
+    /// Queues `packet` on every session of every user but `except`.
+    fn broadcast_except(&self, except: &str, packet: &Packet) {
+        let frame = Bytes::from(packet.to_frame());
+        for (user, online) in &self.online {
+            if user != except {
+                for link in online.sessions.values() {
+                    link.outbound.push(frame.clone());
+                }
+            }
+        }
+    }
+}
+
+impl Actor for PresenceActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Register> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let user_list = self.user_list_frames();
+        let online = self.online.entry(msg.user.clone()).or_default();
+        let first = online.sessions.is_empty();
+        let was_idle = online.idle_secs(now).is_some();
+        online.sessions.insert(
+            msg.session,
+            Link {
+                outbound: msg.outbound.clone(),
+                peer: msg.peer,
+                connected_unix: unix_now(),
+                idle: None,
+            },
+        );
+        let mut snapshot = Vec::with_capacity(user_list.len() + self.online.len() * 40);
+        snapshot.extend_from_slice(&user_list);
+        for (user, online) in &self.online {
+            online.status_packet(user, now).write_frame(&mut snapshot);
+        }
+        msg.outbound.push(Bytes::from(snapshot));
+        if first {
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Online, None));
+        } else if was_idle {
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
+        }
+    }
+}
+
+impl Handler<Unregister> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let Some(online) = self.online.get_mut(&msg.user) else {
+            return;
+        };
+        let was_idle = online.idle_secs(now).is_some();
+        if online.sessions.remove(&msg.session).is_none() {
+            return;
+        }
+        if online.sessions.is_empty() {
+            self.online.remove(&msg.user);
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Offline, None));
+        } else if let (false, Some(secs)) = (was_idle, online.idle_secs(now)) {
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
+        }
+    }
+}
+
+impl Handler<SetIdle> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetIdle, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let Some(online) = self.online.get_mut(&msg.user) else {
+            return;
+        };
+        let was_idle = online.idle_secs(now).is_some();
+        let Some(link) = online.sessions.get_mut(&msg.session) else {
+            return;
+        };
+        if link.idle.is_some() {
+            return;
+        }
+        link.idle = Some((now, msg.idle_secs));
+        if let (false, Some(secs)) = (was_idle, online.idle_secs(now)) {
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
+        }
+    }
+}
+
+impl Handler<SetActive> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetActive, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let Some(online) = self.online.get_mut(&msg.user) else {
+            return;
+        };
+        let was_idle = online.idle_secs(now).is_some();
+        let Some(link) = online.sessions.get_mut(&msg.session) else {
+            return;
+        };
+        if link.idle.take().is_some() && was_idle {
+            self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
+        }
+    }
+}
+
+impl Handler<UserAdded> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UserAdded, _: &mut Context<Self>) {
+        if self.users.insert(msg.user.clone()) {
+            self.user_list_frames = None;
+            self.broadcast_except("", &Packet::AddUser { username: msg.user });
+        }
+    }
+}
+
+impl Handler<UserRemoved> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UserRemoved, _: &mut Context<Self>) {
+        if self.users.remove(&msg.user) {
+            self.user_list_frames = None;
+        }
+        if let Some(online) = self.online.get(&msg.user) {
+            for link in online.sessions.values() {
+                link.outbound.close();
+            }
+        }
+    }
+}
+
+impl Handler<ListOnline> for PresenceActor {
+    type Result = MessageResult<ListOnline>;
+
+    fn handle(&mut self, _: ListOnline, _: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        let list = self
+            .online
+            .iter()
+            .map(|(user, online)| {
+                let idle_secs = online.idle_secs(now);
+                UserPresence {
+                    user: user.clone(),
+                    status: if idle_secs.is_some() {
+                        Status::Idle
+                    } else {
+                        Status::Online
+                    },
+                    idle_secs,
+                    sessions: online
+                        .sessions
+                        .values()
+                        .map(|link| SessionInfo {
+                            peer: link.peer.to_string(),
+                            connected_unix: link.connected_unix,
+                            idle: link.idle.is_some(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        MessageResult(list)
+    }
+}

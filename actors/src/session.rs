@@ -1,0 +1,274 @@
+//! The session stream: sign-on (a `Login` within the login timeout, checked
+//! by the authenticator), then one SessionActor per signed-on session. The
+//! actor reads packets as a stream, turns `Idle`/`NotIdle` into presence
+//! messages, and owns the session's outbound queue, through which presence
+//! and the mailbox reach the peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler, WrapFuture,
+};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf};
+
+use crate::auth::AuthError;
+use crate::messages::{
+    next_session_id, Register, SessionId, SetActive, SetIdle, Subscribe, Unregister, Unsubscribe,
+};
+use crate::outbound::{self, Outbound, WriterEnd};
+use crate::proto::frame::{read_frame, FrameError};
+use crate::proto::names::{valid_password, valid_username};
+use crate::proto::packet::Decoded;
+use crate::proto::Packet;
+use crate::services::Services;
+
+/// The one answer for an unknown user and a wrong password.
+pub const LOGIN_REFUSED: &str = "unknown user or wrong password";
+
+/// Serves one session stream, from its first byte to its close.
+pub async fn serve<S>(stream: S, peer: SocketAddr, services: Arc<Services>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let limits = &services.limits;
+    let timeouts = &services.timeouts;
+    let first = tokio::time::timeout(
+        timeouts.login(),
+        read_frame(&mut reader, limits.frame_bytes, timeouts.frame()),
+    )
+    .await;
+    let (username, password) = match first {
+        Ok(Ok(Some(body))) => match Packet::decode(&body) {
+            Ok(Decoded::Known(Packet::Login { username, password })) => (username, password),
+            other => {
+                log::info!("session from {peer}: first packet is not Login ({other:?}); closed");
+                return;
+            }
+        },
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            log::info!("session from {peer}: {e}; closed before login");
+            return;
+        }
+        Err(_) => {
+            log::info!(
+                "session from {peer}: no Login within {:?}; closed",
+                timeouts.login()
+            );
+            return;
+        }
+    };
+    let verdict = if valid_username(&username) && valid_password(&password) {
+        services.auth.verify(&username, &password).await
+    } else {
+        // Same cost as a real check, so syntax does not leak existence.
+        services.auth.verify("", &password).await.map(|_| false)
+    };
+    let refusal = match verdict {
+        Ok(true) => None,
+        Ok(false) => Some(LOGIN_REFUSED.to_owned()),
+        Err(AuthError::Busy) => Some("server busy; try again later".to_owned()),
+        Err(e) => {
+            log::error!("login check for {username} failed: {e}");
+            Some("internal error; try again later".to_owned())
+        }
+    };
+    if let Some(reason) = refusal {
+        log::info!("session from {peer}: login refused for {username:?}: {reason}");
+        let frame = Packet::LoginResponse {
+            ok: false,
+            reason: Some(reason),
+        }
+        .to_frame();
+        let _ = tokio::time::timeout(timeouts.write(), async {
+            writer.write_all(&frame).await?;
+            writer.shutdown().await
+        })
+        .await;
+        return;
+    }
+    let (outbound, writer_task) = outbound::channel(
+        writer,
+        limits.session_queue,
+        timeouts.write(),
+        limits.write_coalesce_bytes,
+    );
+    let session = next_session_id();
+    log::debug!("session {session}: {username} signed on from {peer}");
+    let frames = frame_stream(reader, limits.frame_bytes, timeouts.frame());
+    let services_for_actor = services.clone();
+    let addr = SessionActor::create(move |ctx| {
+        ctx.add_stream(frames);
+        SessionActor {
+            user: username,
+            session,
+            peer,
+            outbound,
+            services: services_for_actor,
+        }
+    });
+    let end = writer_task.await;
+    if end != WriterEnd::Closed {
+        log::info!("session {session} from {peer}: writer stopped: {end:?}");
+    }
+    addr.do_send(Close);
+}
+
+/// One item from the reader: a frame body, or why reading stopped.
+enum Inbound {
+    Frame(Vec<u8>),
+    Failed(FrameError),
+}
+
+fn frame_stream<R: AsyncRead + Unpin + 'static>(
+    reader: ReadHalf<R>,
+    limit: usize,
+    frame_timeout: std::time::Duration,
+) -> impl futures_util::Stream<Item = Inbound> {
+    futures_util::stream::unfold(Some(reader), move |state| async move {
+        let mut reader = state?;
+        match read_frame(&mut reader, limit, frame_timeout).await {
+            Ok(Some(body)) => Some((Inbound::Frame(body), Some(reader))),
+            Ok(None) => None,
+            Err(e) => Some((Inbound::Failed(e), None)),
+        }
+    })
+}
+
+/// Ends the session (writer gone, or asked to).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Close;
+
+/// One signed-on session.
+pub struct SessionActor {
+    user: String,
+    session: SessionId,
+    peer: SocketAddr,
+    outbound: Outbound,
+    services: Arc<Services>,
+}
+
+impl SessionActor {
+    fn protocol_error(&mut self, ctx: &mut Context<Self>, what: &str) {
+        log::info!(
+            "session {} ({} from {}): {what}; closed",
+            self.session,
+            self.user,
+            self.peer
+        );
+        ctx.stop();
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let ok = Packet::LoginResponse {
+            ok: true,
+            reason: None,
+        }
+        .to_frame();
+        self.outbound.push(Bytes::from(ok));
+        let register = self.services.presence.send(Register {
+            user: self.user.clone(),
+            session: self.session,
+            outbound: self.outbound.clone(),
+            peer: self.peer,
+        });
+        let subscribe = self.services.mailbox.send(Subscribe {
+            user: self.user.clone(),
+            session: self.session,
+            outbound: self.outbound.clone(),
+        });
+        // Packets from the peer wait until the snapshot and the mailbox
+        // list are queued, so that they always come first.
+        ctx.wait(
+            async move {
+                if register.await.is_ok() {
+                    let _ = subscribe.await;
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.outbound.close();
+        self.services.presence.do_send(Unregister {
+            user: self.user.clone(),
+            session: self.session,
+        });
+        self.services.mailbox.do_send(Unsubscribe {
+            user: self.user.clone(),
+            session: self.session,
+        });
+        log::debug!("session {}: {} signed off", self.session, self.user);
+    }
+}
+
+impl StreamHandler<Inbound> for SessionActor {
+    fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
+        let body = match item {
+            Inbound::Frame(body) => body,
+            Inbound::Failed(FrameError::Io(e)) => {
+                return self.protocol_error(ctx, &format!("read failed: {e}"))
+            }
+            Inbound::Failed(e) => return self.protocol_error(ctx, &e.to_string()),
+        };
+        match Packet::decode(&body) {
+            Ok(Decoded::Known(Packet::Idle { idle_secs })) => {
+                let update = self.services.presence.send(SetIdle {
+                    user: self.user.clone(),
+                    session: self.session,
+                    idle_secs,
+                });
+                ctx.wait(
+                    async move {
+                        let _ = update.await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            Ok(Decoded::Known(Packet::NotIdle {})) => {
+                let update = self.services.presence.send(SetActive {
+                    user: self.user.clone(),
+                    session: self.session,
+                });
+                ctx.wait(
+                    async move {
+                        let _ = update.await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            Ok(Decoded::Known(other)) => {
+                let what = format!("unexpected {} packet from a client", other.kind());
+                self.protocol_error(ctx, &what)
+            }
+            Ok(Decoded::Unknown(kind)) => {
+                log::debug!(
+                    "session {}: ignored unknown packet type {kind:?}",
+                    self.session
+                );
+            }
+            Err(e) => self.protocol_error(ctx, &e.to_string()),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Close> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,93 @@
+//! Group commit: one thread owns every flush of the store. A writer asks
+//! for a commit after its write; the thread takes every request that has
+//! arrived, runs one flush, and answers them all. A burst of sends costs one
+//! flush, and flushes never run concurrently (sled 0.34.7 can deadlock on
+//! concurrent `flush_async`, sled #1308).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread;
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use super::Store;
+
+/// Why a commit did not happen.
+#[derive(Debug, Clone, Error)]
+pub enum CommitError {
+    #[error("flush failed: {0}")]
+    Flush(String),
+    #[error("too many commits waiting")]
+    Overloaded,
+    #[error("the store is closed")]
+    Closed,
+}
+
+type Waiter = oneshot::Sender<Result<(), CommitError>>;
+
+/// Counters of the flusher, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub flushes: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// A handle to the flusher thread; cheap to clone.
+#[derive(Clone)]
+pub struct GroupCommit {
+    requests: SyncSender<Waiter>,
+    stats: Arc<CommitStats>,
+}
+
+impl GroupCommit {
+    /// Starts the flusher thread for `store`; at most `max_waiting` commit
+    /// requests may wait at once. The thread ends when every handle is gone.
+    pub fn start(store: Arc<dyn Store>, max_waiting: usize) -> GroupCommit {
+        let (requests, incoming) = mpsc::sync_channel(max_waiting);
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = stats.clone();
+        thread::Builder::new()
+            .name("csm-flusher".into())
+            .spawn(move || run(store, incoming, thread_stats))
+            .expect("the flusher thread can be started");
+        GroupCommit { requests, stats }
+    }
+
+    /// Resolves once every write made before this call is durable.
+    pub async fn commit(&self) -> Result<(), CommitError> {
+        let (tx, rx) = oneshot::channel();
+        match self.requests.try_send(tx) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(CommitError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => return Err(CommitError::Closed),
+        }
+        rx.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+}
+
+fn run(store: Arc<dyn Store>, incoming: Receiver<Waiter>, stats: Arc<CommitStats>) {
+    while let Ok(first) = incoming.recv() {
+        let mut batch = vec![first];
+        batch.extend(incoming.try_iter());
+        let result = store.flush().map_err(|e| CommitError::Flush(e.to_string()));
+        if let Err(e) = &result {
+            log::error!("store flush failed for {} waiting writes: {e}", batch.len());
+        }
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats
+            .commits
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for waiter in batch {
+            let _ = waiter.send(result.clone());
+        }
+    }
+    if let Err(e) = store.flush() {
+        log::error!("final store flush failed: {e}");
+    }
+}

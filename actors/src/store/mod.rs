@@ -1,0 +1,120 @@
+//! The durable store behind a trait, so actors never name the database.
+//! [`SledStore`] is the embedded implementation; its key layout lives in
+//! `sled_store.rs` and nowhere else. [`GroupCommit`] makes writes durable
+//! with one flush per burst.
+
+mod commit;
+mod sled_store;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use commit::{CommitError, GroupCommit};
+pub use sled_store::SledStore;
+
+/// A failure of the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt record {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("user {0} already exists")]
+    UserExists(String),
+}
+
+impl StoreError {
+    /// True when another process holds the database.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Db(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
+    }
+}
+
+/// A registered user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// argon2id hash as a PHC string.
+    pub password_hash: String,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// What the store keeps about a message besides its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageHeader {
+    pub id: String,
+    pub sender: String,
+    /// Original recipients, repeats removed, in the order first named.
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub stored_unix: u64,
+}
+
+/// A remembered message id, for idempotent retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRecord {
+    pub sender: String,
+    /// SHA-256 of the recipient set and the data.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+    pub seq: u64,
+    pub accepted_unix: u64,
+}
+
+/// One waiting message in one user's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxEntry {
+    pub user: String,
+    pub seq: u64,
+}
+
+/// The durable state of the server: users, messages, mailboxes, ids.
+/// Writes become durable only at [`Store::flush`].
+pub trait Store: Send + Sync + 'static {
+    fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+    /// Creates a user; fails with `UserExists` if the name is taken.
+    fn add_user(&self, name: &str, record: &UserRecord) -> Result<(), StoreError>;
+    /// Replaces a user's record; false if there is no such user.
+    fn update_user(&self, name: &str, record: &UserRecord) -> Result<bool, StoreError>;
+    /// Removes a user and every message in their mailbox; false if absent.
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+    /// All usernames, sorted.
+    fn list_users(&self) -> Result<Vec<String>, StoreError>;
+
+    /// A fresh, increasing message sequence number.
+    fn next_seq(&self) -> Result<u64, StoreError>;
+    /// Writes the message data once, one mailbox entry per recipient and
+    /// the id record, in one atomic batch.
+    fn put_message(
+        &self,
+        seq: u64,
+        header: &MessageHeader,
+        data: &[u8],
+        id_record: &IdRecord,
+    ) -> Result<(), StoreError>;
+    fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError>;
+    fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Removes one mailbox entry, and the message itself when `last` says
+    /// no other mailbox holds it.
+    fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError>;
+    /// Every mailbox entry, in mailbox order per user.
+    fn mailbox_entries(&self) -> Result<Vec<MailboxEntry>, StoreError>;
+
+    fn get_id(&self, id: &str) -> Result<Option<IdRecord>, StoreError>;
+    /// Every id record with its id.
+    fn id_records(&self) -> Result<Vec<(String, IdRecord)>, StoreError>;
+    fn remove_id(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Makes every write before it durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

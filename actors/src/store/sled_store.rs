@@ -1,0 +1,304 @@
+//! The sled implementation of [`Store`], and the one place that knows the
+//! key layout. Everything lives in sled's default tree under one-byte
+//! prefixes, so a message and all its mailbox entries go in one atomic
+//! batch:
+//!
+//! | key | value |
+//! |---|---|
+//! | `u` username | [`UserRecord`] (MessagePack) |
+//! | `h` seq (u64 BE) | [`MessageHeader`] (MessagePack) |
+//! | `d` seq (u64 BE) | the message data, raw |
+//! | `b` username `00` seq (u64 BE) | empty: a mailbox entry |
+//! | `i` message id | [`IdRecord`] (MessagePack) |
+//!
+//! Usernames never contain `00`, so `b` username `00` is a prefix that
+//! lists one mailbox in sequence order.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord};
+
+const USER: u8 = b'u';
+const HEADER: u8 = b'h';
+const DATA: u8 = b'd';
+const MAILBOX: u8 = b'b';
+const ID: u8 = b'i';
+
+/// The embedded store: one sled database in a directory.
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`. Fails if another process
+    /// holds it.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(SledStore { db })
+    }
+
+    /// Writes a consistent copy of the database to `dir`.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
+    key(prefix, &seq.to_be_bytes())
+}
+
+fn mailbox_prefix(user: &str) -> Vec<u8> {
+    let mut k = key(MAILBOX, user.as_bytes());
+    k.push(0);
+    k
+}
+
+fn mailbox_key(user: &str, seq: u64) -> Vec<u8> {
+    let mut k = mailbox_prefix(user);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("store records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn corrupt(key: &[u8], detail: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: detail.to_owned(),
+    }
+}
+
+impl Store for SledStore {
+    fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let k = key(USER, name.as_bytes());
+        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+    }
+
+    fn add_user(&self, name: &str, record: &UserRecord) -> Result<(), StoreError> {
+        let k = key(USER, name.as_bytes());
+        match self
+            .db
+            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))?
+        {
+            Ok(()) => Ok(()),
+            Err(_) => Err(StoreError::UserExists(name.to_owned())),
+        }
+    }
+
+    fn update_user(&self, name: &str, record: &UserRecord) -> Result<bool, StoreError> {
+        let k = key(USER, name.as_bytes());
+        if self.db.get(&k)?.is_none() {
+            return Ok(false);
+        }
+        self.db.insert(k, encode(record))?;
+        Ok(true)
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.db.remove(key(USER, name.as_bytes()))?.is_some())
+    }
+
+    fn list_users(&self) -> Result<Vec<String>, StoreError> {
+        self.db
+            .scan_prefix([USER])
+            .map(|item| {
+                let (k, _) = item?;
+                String::from_utf8(k[1..].to_vec()).map_err(|_| corrupt(&k, "username not UTF-8"))
+            })
+            .collect()
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    fn put_message(
+        &self,
+        seq: u64,
+        header: &MessageHeader,
+        data: &[u8],
+        id_record: &IdRecord,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(seq_key(HEADER, seq), encode(header));
+        batch.insert(seq_key(DATA, seq), data);
+        for recipient in &header.recipients {
+            batch.insert(mailbox_key(recipient, seq), &[][..]);
+        }
+        batch.insert(key(ID, header.id.as_bytes()), encode(id_record));
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError> {
+        let k = seq_key(HEADER, seq);
+        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+    }
+
+    fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(seq_key(DATA, seq))?.map(|v| v.to_vec()))
+    }
+
+    fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(mailbox_key(user, seq));
+        if last {
+            batch.remove(seq_key(HEADER, seq));
+            batch.remove(seq_key(DATA, seq));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn mailbox_entries(&self) -> Result<Vec<MailboxEntry>, StoreError> {
+        self.db
+            .scan_prefix([MAILBOX])
+            .map(|item| {
+                let (k, _) = item?;
+                let body = &k[1..];
+                if body.len() < 9 || body[body.len() - 9] != 0 {
+                    return Err(corrupt(&k, "bad mailbox key"));
+                }
+                let (user, seq) = body.split_at(body.len() - 9);
+                let mut seq_bytes = [0u8; 8];
+                seq_bytes.copy_from_slice(&seq[1..]);
+                Ok(MailboxEntry {
+                    user: String::from_utf8(user.to_vec())
+                        .map_err(|_| corrupt(&k, "username not UTF-8"))?,
+                    seq: u64::from_be_bytes(seq_bytes),
+                })
+            })
+            .collect()
+    }
+
+    fn get_id(&self, id: &str) -> Result<Option<IdRecord>, StoreError> {
+        let k = key(ID, id.as_bytes());
+        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+    }
+
+    fn id_records(&self) -> Result<Vec<(String, IdRecord)>, StoreError> {
+        self.db
+            .scan_prefix([ID])
+            .map(|item| {
+                let (k, v) = item?;
+                let id =
+                    String::from_utf8(k[1..].to_vec()).map_err(|_| corrupt(&k, "id not UTF-8"))?;
+                Ok((id, decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    fn remove_id(&self, id: &str) -> Result<(), StoreError> {
+        self.db.remove(key(ID, id.as_bytes()))?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: &str, recipients: &[&str]) -> MessageHeader {
+        MessageHeader {
+            id: id.into(),
+            sender: "alice".into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            size: 3,
+            stored_unix: 1,
+        }
+    }
+
+    fn id_record(seq: u64) -> IdRecord {
+        IdRecord {
+            sender: "alice".into(),
+            digest: vec![7; 32],
+            seq,
+            accepted_unix: 1,
+        }
+    }
+
+    #[test]
+    fn users_and_messages_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let rec = UserRecord {
+                password_hash: "$argon2id$x".into(),
+                created_unix: 5,
+            };
+            store.add_user("bob", &rec).unwrap();
+            assert!(matches!(
+                store.add_user("bob", &rec),
+                Err(StoreError::UserExists(_))
+            ));
+            let seq = store.next_seq().unwrap();
+            store
+                .put_message(
+                    seq,
+                    &header("m1", &["bob", "carol"]),
+                    b"abc",
+                    &id_record(seq),
+                )
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.list_users().unwrap(), vec!["bob".to_string()]);
+        let entries = store.mailbox_entries().unwrap();
+        assert_eq!(entries.len(), 2);
+        let seq = entries[0].seq;
+        assert_eq!(store.message_data(seq).unwrap().unwrap(), b"abc");
+        assert_eq!(store.get_id("m1").unwrap().unwrap().seq, seq);
+        store.remove_entry("bob", seq, false).unwrap();
+        assert!(store.message_data(seq).unwrap().is_some());
+        store.remove_entry("carol", seq, true).unwrap();
+        assert!(store.message_data(seq).unwrap().is_none());
+        assert!(store.mailbox_entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mailbox_keys_do_not_mix_users_with_shared_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for (i, user) in ["al", "alice", "al.b"].iter().enumerate() {
+            let seq = 100 + i as u64;
+            store
+                .put_message(
+                    seq,
+                    &header(&format!("id{i}"), &[user]),
+                    b"x",
+                    &id_record(seq),
+                )
+                .unwrap();
+        }
+        let entries = store.mailbox_entries().unwrap();
+        let al: Vec<_> = entries.iter().filter(|e| e.user == "al").collect();
+        assert_eq!(al.len(), 1);
+        assert_eq!(al[0].seq, 100);
+    }
+}

@@ -1,0 +1,154 @@
+//! The server's side of the admin socket: a Unix socket in the data
+//! directory, owner-only, taking one request per connection and answering
+//! through the running actors, so changes take effect live.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use csm_actors::messages::{ListOnline, UserAdded};
+use csm_actors::proto::lines::read_line;
+use csm_actors::proto::Status;
+use csm_actors::services::Services;
+use csm_actors::store::{unix_now, StoreError, UserRecord};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::protocol::{check_new_user, Failure, Outcome, Reply, Request, UserRow, MAX_LINE};
+
+/// How long one admin connection may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The listening admin socket.
+pub struct AdminSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    services: Arc<Services>,
+}
+
+impl AdminSocket {
+    /// Binds the socket at `path` (replacing a stale one) with mode 0600.
+    pub fn bind(path: &Path, services: Arc<Services>) -> Result<AdminSocket> {
+        if path.exists() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale admin socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the admin socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+        log::info!("admin socket listening on {}", path.display());
+        Ok(AdminSocket {
+            listener,
+            path: path.to_owned(),
+            services,
+        })
+    }
+
+    /// Serves admin connections until `stop` turns true.
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.changed() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let services = self.services.clone();
+                    actix_rt::spawn(async move {
+                        if tokio::time::timeout(ADMIN_TIMEOUT, handle(stream, services))
+                            .await
+                            .is_err()
+                        {
+                            log::warn!("admin connection timed out");
+                        }
+                    });
+                }
+                Err(e) => {
+                    log::warn!("admin socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        log::debug!("admin socket {} closed", self.path.display());
+    }
+}
+
+async fn handle(stream: UnixStream, services: Arc<Services>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    let outcome: Outcome = match read_line(&mut reader, MAX_LINE).await {
+        Ok(line) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => execute(request, &services).await,
+            Err(e) => Err(Failure::refused(format!("bad request: {e}"))),
+        },
+        Err(e) => Err(Failure::refused(format!("bad request line: {e}"))),
+    };
+    let mut line = serde_json::to_vec(&outcome).unwrap_or_else(|e| {
+        format!("{{\"Err\":{{\"kind\":\"internal\",\"message\":\"{e}\"}}}}").into_bytes()
+    });
+    line.push(b'\n');
+    let _ = writer.write_all(&line).await;
+    let _ = writer.shutdown().await;
+}
+
+async fn execute(request: Request, services: &Services) -> Outcome {
+    match request {
+        Request::UserAdd { name, password } => {
+            check_new_user(&name, &password)?;
+            let hash = services
+                .auth
+                .hash(&password)
+                .await
+                .map_err(Failure::internal)?;
+            let record = UserRecord {
+                password_hash: hash,
+                created_unix: unix_now(),
+            };
+            match services.store.add_user(&name, &record) {
+                Ok(()) => {}
+                Err(StoreError::UserExists(_)) => {
+                    return Err(Failure::refused(format!("user {name} already exists")))
+                }
+                Err(e) => return Err(Failure::internal(e)),
+            }
+            services.commit.commit().await.map_err(Failure::internal)?;
+            services.presence.do_send(UserAdded { user: name.clone() });
+            log::info!("admin: user {name} added");
+            Ok(Reply::Done {
+                message: format!("user {name} added"),
+            })
+        }
+        Request::UserList => {
+            let names = services.store.list_users().map_err(Failure::internal)?;
+            let online = services
+                .presence
+                .send(ListOnline)
+                .await
+                .map_err(Failure::internal)?;
+            let mut online: std::collections::HashMap<_, _> =
+                online.into_iter().map(|p| (p.user.clone(), p)).collect();
+            let users = names
+                .into_iter()
+                .map(|name| match online.remove(&name) {
+                    Some(p) => UserRow {
+                        name,
+                        status: Some(p.status),
+                        idle_secs: p.idle_secs,
+                        sessions: p.sessions.len(),
+                    },
+                    None => UserRow {
+                        name,
+                        status: Some(Status::Offline),
+                        idle_secs: None,
+                        sessions: 0,
+                    },
+                })
+                .collect();
+            Ok(Reply::Users { live: true, users })
+        }
+    }
+}

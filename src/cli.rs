@@ -1,0 +1,60 @@
+//! The command line: `csm serve | admin`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::AdminArgs;
+use crate::config::Overrides;
+
+/// Presence and store-and-forward messaging server.
+#[derive(Debug, Parser)]
+#[command(name = "csm", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage users, live through the admin socket or offline on the store.
+    Admin(AdminArgs),
+}
+
+/// `csm serve` options; each overrides the configuration file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./csm-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Session-stream address [default: 0.0.0.0:4710].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub session_addr: Option<String>,
+    /// Message-stream address [default: 0.0.0.0:4711].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub message_addr: Option<String>,
+    /// PEM certificate chain (with --key); without it a self-signed
+    /// certificate is created in the data directory.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with --cert).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            session_addr: self.session_addr.clone(),
+            message_addr: self.message_addr.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! A csm client over the project's own protocol code: TLS connection, the
+//! session stream (login, packets) and the message stream (send, receive).
+//! The simulator and the integration tests use it; it is also the reference
+//! for writing a client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use csm_actors::proto::data::{read_data, DataLimits, ReadDataError};
+use csm_actors::proto::frame::{read_frame, FrameError};
+use csm_actors::proto::lines::{
+    read_line, recipients_block, Action, Header, LineError, StreamError, DONE,
+};
+use csm_actors::proto::packet::{Decoded, PacketError};
+use csm_actors::proto::Packet;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// What went wrong on the client side.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("server refused: {0}")]
+    Refused(StreamError),
+    #[error("login refused: {0}")]
+    LoginRefused(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+impl From<PacketError> for ClientError {
+    fn from(e: PacketError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+impl From<LineError> for ClientError {
+    fn from(e: LineError) -> Self {
+        match e {
+            LineError::Io(e) => ClientError::Io(e),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Largest frame the client accepts; the sign-on list of a big server is
+/// sent as many frames, each small.
+const CLIENT_FRAME_LIMIT: usize = 1 << 20;
+/// How long the client waits on any one step.
+const STEP: Duration = Duration::from_secs(30);
+
+/// Opens TLS connections to one server.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Connector {
+    pub fn new(config: Arc<ClientConfig>) -> Connector {
+        Connector {
+            tls: TlsConnector::from(config),
+            server_name: ServerName::try_from("localhost").expect("localhost is a valid name"),
+        }
+    }
+
+    /// Pinned to the development certificate in a server's data directory.
+    pub fn for_data_dir(data_dir: &Path) -> anyhow::Result<Connector> {
+        let (cert, _) = crate::tls::dev_cert_paths(data_dir);
+        Ok(Connector::new(crate::tls::pinned_client_config_from_pem(
+            &cert,
+        )?))
+    }
+
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TlsStream<TcpStream>, ClientError> {
+        let tcp = tokio::time::timeout(STEP, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout("TCP connect"))??;
+        tcp.set_nodelay(true)?;
+        tokio::time::timeout(STEP, self.tls.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| ClientError::Timeout("TLS handshake"))?
+            .map_err(ClientError::Io)
+    }
+}
+
+type Tls = TlsStream<TcpStream>;
+
+/// One session stream.
+pub struct SessionClient {
+    reader: ReadHalf<Tls>,
+    writer: WriteHalf<Tls>,
+}
+
+impl SessionClient {
+    /// Connects and signs on; fails with `LoginRefused` and the reason if the
+    /// server says no.
+    pub async fn login(
+        connector: &Connector,
+        addr: SocketAddr,
+        username: &str,
+        password: &str,
+    ) -> Result<SessionClient, ClientError> {
+        let mut client = SessionClient::connect(connector, addr).await?;
+        client
+            .send(&Packet::Login {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            })
+            .await?;
+        match client.recv(STEP).await? {
+            Some(Decoded::Known(Packet::LoginResponse { ok: true, .. })) => Ok(client),
+            Some(Decoded::Known(Packet::LoginResponse { ok: false, reason })) => {
+                Err(ClientError::LoginRefused(reason.unwrap_or_default()))
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected LoginResponse, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Connects without signing on.
+    pub async fn connect(
+        connector: &Connector,
+        addr: SocketAddr,
+    ) -> Result<SessionClient, ClientError> {
+        let stream = connector.connect(addr).await?;
+        let (reader, writer) = tokio::io::split(stream);
+        Ok(SessionClient { reader, writer })
+    }
+
+    pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {
+        self.send_raw(&packet.to_frame()).await
+    }
+
+    /// Writes raw bytes, for tests of malformed input.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        tokio::time::timeout(STEP, async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout("write"))??;
+        Ok(())
+    }
+
+    /// The next packet, or `None` when the server closed the stream.
+    pub async fn recv(&mut self, wait: Duration) -> Result<Option<Decoded>, ClientError> {
+        let frame =
+            tokio::time::timeout(wait, read_frame(&mut self.reader, CLIENT_FRAME_LIMIT, STEP))
+                .await
+                .map_err(|_| ClientError::Timeout("packet"))?;
+        match frame {
+            Ok(Some(body)) => Ok(Some(Packet::decode(&body)?)),
+            Ok(None) => Ok(None),
+            // A reset after the server's close counts as the close.
+            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The next known packet, skipping unknown types as a client must.
+    pub async fn next_packet(&mut self, wait: Duration) -> Result<Option<Packet>, ClientError> {
+        loop {
+            match self.recv(wait).await? {
+                Some(Decoded::Known(packet)) => return Ok(Some(packet)),
+                Some(Decoded::Unknown(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Closes the stream cleanly.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(STEP, self.writer.shutdown()).await;
+    }
+}
+
+/// A message to send over a message stream.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub username: &'a str,
+    pub password: &'a str,
+    pub id: &'a str,
+    pub recipients: &'a [String],
+    pub data: &'a [u8],
+}
+
+/// Sends one message; `Ok` once the server said `done`.
+pub async fn send_message(
+    connector: &Connector,
+    addr: SocketAddr,
+    message: &Outgoing<'_>,
+) -> Result<(), ClientError> {
+    let stream = connector.connect(addr).await?;
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::new(reader);
+    let mut request = Header {
+        username: message.username.to_owned(),
+        password: message.password.to_owned(),
+        message_id: message.id.to_owned(),
+        action: Action::Send,
+    }
+    .to_lines();
+    request.extend_from_slice(&recipients_block(message.recipients));
+    // The answer may come before all the data is written (an early error),
+    // so write and read at once.
+    let write = async {
+        writer.write_all(&request).await?;
+        writer.write_all(message.data).await?;
+        writer.flush().await
+    };
+    let read = async { read_line(&mut reader, 1024).await };
+    let (written, answer) = tokio::time::timeout(STEP * 4, async { tokio::join!(write, read) })
+        .await
+        .map_err(|_| ClientError::Timeout("send"))?;
+    let answer = answer?;
+    if answer == "done" {
+        written?;
+        let _ = writer.shutdown().await;
+        return Ok(());
+    }
+    match StreamError::parse(&answer) {
+        Some(error) => Err(ClientError::Refused(error)),
+        None => Err(ClientError::Protocol(format!(
+            "unexpected answer {answer:?}"
+        ))),
+    }
+}
+
+/// A message as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub sender: String,
+    pub id: String,
+    pub recipients: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// Receives one message and acknowledges it; `Ok` once the server closed
+/// the stream after the `done`, which means the removal is durable.
+pub async fn receive_message(
+    connector: &Connector,
+    addr: SocketAddr,
+    username: &str,
+    password: &str,
+    id: &str,
+) -> Result<Received, ClientError> {
+    let received = fetch_message(connector, addr, username, password, id, true).await?;
+    Ok(received)
+}
+
+/// Receives one message; acknowledges it with `done` only when `ack`.
+pub async fn fetch_message(
+    connector: &Connector,
+    addr: SocketAddr,
+    username: &str,
+    password: &str,
+    id: &str,
+    ack: bool,
+) -> Result<Received, ClientError> {
+    let stream = connector.connect(addr).await?;
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::new(reader);
+    let request = Header {
+        username: username.to_owned(),
+        password: password.to_owned(),
+        message_id: id.to_owned(),
+        action: Action::Receive,
+    }
+    .to_lines();
+    let exchange = async {
+        writer.write_all(&request).await?;
+        writer.flush().await?;
+        let sender = read_line(&mut reader, 1024).await?;
+        if let Some(error) = StreamError::parse(&sender) {
+            return Err(ClientError::Refused(error));
+        }
+        let password_line = read_line(&mut reader, 1024).await?;
+        let id_line = read_line(&mut reader, 1024).await?;
+        let action = read_line(&mut reader, 1024).await?;
+        if !password_line.is_empty() || action != "send" {
+            return Err(ClientError::Protocol(
+                "receive answer is not in send form".into(),
+            ));
+        }
+        let mut recipients = Vec::new();
+        loop {
+            let line = read_line(&mut reader, 1024).await?;
+            if line.is_empty() {
+                break;
+            }
+            recipients.push(line);
+        }
+        if reader.read_u8().await? != b'c' {
+            return Err(ClientError::Protocol("missing c before the data".into()));
+        }
+        let data = read_data(
+            &mut reader,
+            DataLimits {
+                max_bytes: usize::MAX,
+                max_attachments: usize::MAX,
+            },
+            STEP,
+        )
+        .await
+        .map_err(|e| match e {
+            ReadDataError::Io(e) => ClientError::Io(e),
+            other => ClientError::Protocol(other.to_string()),
+        })?;
+        if ack {
+            writer.write_all(DONE).await?;
+            writer.flush().await?;
+            // The server closes once the removal is durable.
+            let mut rest = Vec::new();
+            match (&mut reader).take(4096).read_to_end(&mut rest).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(e.into()),
+            }
+            if !rest.is_empty() {
+                let text = String::from_utf8_lossy(&rest).trim_end().to_owned();
+                return Err(match StreamError::parse(&text) {
+                    Some(error) => ClientError::Refused(error),
+                    None => ClientError::Protocol(format!("unexpected bytes after done: {text:?}")),
+                });
+            }
+        }
+        Ok(Received {
+            sender,
+            id: id_line,
+            recipients,
+            data,
+        })
+    };
+    tokio::time::timeout(STEP * 4, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout("receive"))?
+}

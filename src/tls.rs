@@ -1,0 +1,226 @@
+//! TLS for both protocols: the server configuration (TLS 1.2 and 1.3 only,
+//! session tickets on), PEM loading, the self-signed development certificate
+//! kept in the data directory, and the client configurations used by the
+//! admin client, the simulator and the tests (pinned to one certificate, or
+//! trusting a CA file).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+/// A certificate chain and its private key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// SHA-256 of the end-entity certificate, as colon-separated hex.
+    pub fn fingerprint(&self) -> String {
+        self.chain
+            .first()
+            .map_or_else(String::new, |c| fingerprint(c))
+    }
+}
+
+/// SHA-256 of a DER certificate, as colon-separated upper-case hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The server's TLS configuration: TLS 1.2 and 1.3, session tickets and a
+/// session cache so that repeated message streams resume cheaply.
+pub fn server_config(identity: Identity) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .context("certificate and key do not form a usable identity")?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS ticketer")?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
+    Ok(Arc::new(config))
+}
+
+/// Loads a PEM certificate chain and private key.
+pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading certificates from {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading private key from {}", key.display()))?;
+    Ok(Identity { chain, key })
+}
+
+/// Where the development certificate lives in a data directory.
+pub fn dev_cert_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let dir = data_dir.join("tls");
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// The self-signed ECDSA P-256 certificate for `localhost`, `127.0.0.1`
+/// and `::1`: created in the data directory on first use, reused after.
+pub fn dev_identity(data_dir: &Path) -> Result<Identity> {
+    let (cert_path, key_path) = dev_cert_paths(data_dir);
+    if cert_path.exists() && key_path.exists() {
+        return load_identity(&cert_path, &key_path);
+    }
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| anyhow!("generating the development certificate: {e}"))?;
+    let dir = cert_path.parent().unwrap_or(data_dir);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_private(&key_path, generated.key_pair.serialize_pem().as_bytes())?;
+    fs::write(&cert_path, generated.cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    log::info!(
+        "created a self-signed certificate in {}",
+        cert_path.display()
+    );
+    load_identity(&cert_path, &key_path)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A client configuration that accepts exactly one server certificate
+/// (the development certificate, or any self-signed one), checked byte for
+/// byte; the handshake signatures are still verified.
+pub fn pinned_client_config(cert: CertificateDer<'static>) -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCert {
+        cert,
+        provider: provider.clone(),
+    });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)
+        .context("TLS protocol versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A client configuration trusting the CA certificates in a PEM file.
+pub fn ca_client_config(ca_pem: &Path) -> Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem)
+        .with_context(|| format!("reading {}", ca_pem.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("parsing {}", ca_pem.display()))?)
+            .context("adding a trusted certificate")?;
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Pinned configuration for the certificate in a PEM file.
+pub fn pinned_client_config_from_pem(cert_pem: &Path) -> Result<Arc<ClientConfig>> {
+    let cert = CertificateDer::from_pem_file(cert_pem)
+        .with_context(|| format!("reading {}", cert_pem.display()))?;
+    pinned_client_config(cert)
+}
+
+#[derive(Debug)]
+struct PinnedCert {
+    cert: CertificateDer<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate {} is not the pinned {}",
+                fingerprint(end_entity),
+                fingerprint(&self.cert)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
