@@ -13,7 +13,7 @@ use super::frame::encode_frame;
 pub const MAX_NESTING: usize = 8;
 
 /// A user's presence as shown to others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Status {
     Online,

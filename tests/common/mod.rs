@@ -1,0 +1,230 @@
+//! Test harness: a real server (real TLS, real sled in a temp directory) on
+//! its own thread and actix system, bound to 127.0.0.1:0, plus helpers that
+//! speak the protocols through the project's client code.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use csm::admin::protocol::{Reply, Request};
+use csm::client::{send_message, ClientError, Connector, Outgoing, SessionClient};
+use csm::config::Config;
+use csm_actors::proto::data::{Attachment, MessageData};
+use csm_actors::proto::{Packet, Status};
+use tokio::sync::oneshot;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub session_addr: SocketAddr,
+    pub message_addr: SocketAddr,
+    pub connector: Connector,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server on a fresh temp directory with default settings.
+    pub fn start() -> TestServer {
+        TestServer::start_with(|_| {})
+    }
+
+    /// A server on a fresh temp directory, settings adjusted by `tweak`.
+    pub fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = TestServer::start_in(temp.path(), tweak);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server on `dir` (kept after the server stops).
+    pub fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config {
+            data_dir: dir.to_owned(),
+            session_addr: "127.0.0.1:0".into(),
+            message_addr: "127.0.0.1:0".into(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let system = actix::System::new();
+            system.block_on(async move {
+                let (session, message) = csm::serve::bind(&config).await?;
+                csm::serve::run(
+                    config,
+                    session,
+                    message,
+                    move |ready| {
+                        let _ = ready_tx.send(ready);
+                    },
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+            })
+        });
+        let ready = match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(ready) => ready,
+            Err(_) => panic!("server did not start: {:?}", thread.join()),
+        };
+        TestServer {
+            data_dir: dir.to_owned(),
+            _temp: None,
+            session_addr: ready.session_addr,
+            message_addr: ready.message_addr,
+            connector: Connector::for_data_dir(dir).expect("connector"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Asks the server to shut down without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops the server gracefully and waits until it has released the store.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.begin_stop();
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("server thread").expect("server run");
+        }
+    }
+
+    /// Creates a user through the live admin socket.
+    pub fn add_user(&self, name: &str, password: &str) {
+        let request = Request::UserAdd {
+            name: name.into(),
+            password: password.into(),
+        };
+        match csm::admin::execute(&self.data_dir, request) {
+            Ok(Reply::Done { .. }) => {}
+            other => panic!("adding {name}: {other:?}"),
+        }
+    }
+
+    pub async fn login(&self, user: &str) -> SessionClient {
+        SessionClient::login(&self.connector, self.session_addr, user, &password_of(user))
+            .await
+            .unwrap_or_else(|e| panic!("login {user}: {e}"))
+    }
+
+    /// Signs on and reads the sign-on packets up to the given count of
+    /// StatusChange packets plus messages; returns them.
+    pub async fn send(&self, from: &str, id: &str, to: &[&str], data: &[u8]) -> Result<(), ClientError> {
+        let recipients: Vec<String> = to.iter().map(|s| s.to_string()).collect();
+        send_message(
+            &self.connector,
+            self.message_addr,
+            &Outgoing {
+                username: from,
+                password: &password_of(from),
+                id,
+                recipients: &recipients,
+                data,
+            },
+        )
+        .await
+    }
+
+    pub async fn receive(&self, user: &str, id: &str) -> Result<csm::client::Received, ClientError> {
+        csm::client::receive_message(&self.connector, self.message_addr, user, &password_of(user), id).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Each test user's password is derived from the name.
+pub fn password_of(user: &str) -> String {
+    format!("pw-{user}-ü")
+}
+
+/// Message data with text and two attachments, one binary.
+pub fn sample_data(text: &str) -> Vec<u8> {
+    MessageData::new(
+        text,
+        vec![
+            Attachment::new("notes.txt", b"line one\nline two\n".to_vec()),
+            Attachment::new("blob\0😀.bin", (0..=255u8).cycle().take(5000).collect()),
+        ],
+    )
+    .encode()
+    .expect("encodable")
+}
+
+/// The next known packet, failing the test on timeout or close.
+pub async fn next(client: &mut SessionClient) -> Packet {
+    match client.next_packet(WAIT).await {
+        Ok(Some(packet)) => packet,
+        other => panic!("expected a packet, got {other:?}"),
+    }
+}
+
+/// The next StatusChange, as (user, status, idle_secs).
+pub async fn next_status(client: &mut SessionClient) -> (String, Status, Option<u64>) {
+    match next(client).await {
+        Packet::StatusChange { username, status, idle_secs } => (username, status, idle_secs),
+        other => panic!("expected StatusChange, got {other:?}"),
+    }
+}
+
+/// Reads packets until `count` StatusChange packets arrived after the sign-on
+/// user list; returns (users added, statuses, messages available) in order.
+pub async fn read_sign_on(
+    client: &mut SessionClient,
+    statuses: usize,
+    messages: usize,
+) -> (Vec<String>, Vec<(String, Status, Option<u64>)>, Vec<(String, String, u64)>) {
+    let mut users = Vec::new();
+    let mut seen_status = Vec::new();
+    let mut seen_messages = Vec::new();
+    while seen_status.len() < statuses || seen_messages.len() < messages {
+        match next(client).await {
+            Packet::AddUser { username } => {
+                assert!(seen_status.is_empty(), "AddUser after StatusChange");
+                users.push(username);
+            }
+            Packet::StatusChange { username, status, idle_secs } => {
+                assert!(seen_messages.is_empty(), "StatusChange after MessageAvailable");
+                seen_status.push((username, status, idle_secs));
+            }
+            Packet::MessageAvailable { id, from, size } => seen_messages.push((id, from, size)),
+            other => panic!("unexpected packet in sign-on: {other:?}"),
+        }
+    }
+    (users, seen_status, seen_messages)
+}
+
+/// Asserts the stream is closed by the server (EOF or reset) within WAIT.
+pub async fn assert_closed(client: &mut SessionClient) {
+    loop {
+        match client.recv(WAIT).await {
+            Ok(None) => return,
+            Ok(Some(_)) => continue,
+            Err(ClientError::Io(_)) | Err(ClientError::Protocol(_)) => return,
+            Err(e) => panic!("expected the server to close, got {e}"),
+        }
+    }
+}
