@@ -12,6 +12,7 @@ use actix::{Actor, Arbiter};
 use anyhow::{Context, Result};
 use csm_actors::auth::{AuthSettings, Authenticator};
 use csm_actors::mailbox::{MailboxActor, MailboxSettings};
+use csm_actors::messages::CloseAll;
 use csm_actors::presence::PresenceActor;
 use csm_actors::services::{OwnedCountGuard, Services};
 use csm_actors::store::{GroupCommit, SledStore, Store};
@@ -79,7 +80,8 @@ pub async fn run(
             store_dir.display()
         )
     })?);
-    let commit = GroupCommit::start(store.clone(), MAX_WAITING_COMMITS);
+    let (commit, flusher) =
+        GroupCommit::start(store.clone(), MAX_WAITING_COMMITS).context("starting the flusher")?;
     let auth = Arc::new(Authenticator::new(store.clone(), AuthSettings::default())?);
     let users = store.list_users()?;
     log::info!(
@@ -158,14 +160,31 @@ pub async fn run(
             "{unfinished} message streams still open at the shutdown deadline; closing them"
         );
     }
+    let sessions = services.presence.send(CloseAll).await.unwrap_or(0);
+    // Connection tasks hold the services; wait (bounded) for them to end so
+    // that the store is released when `run` returns.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&services) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     if let Err(e) = commit.commit().await {
         log::error!("final flush failed: {e}");
     }
     let flushes = commit.stats().flushes.load(Ordering::Relaxed);
     let commits = commit.stats().commits.load(Ordering::Relaxed);
-    log::info!("stopped: {commits} durable writes in {flushes} flushes; store flushed");
+    drop(services);
+    drop(commit);
     mailbox_arbiter.stop();
+    if mailbox_arbiter.join().is_err() {
+        log::warn!("the mailbox thread did not stop cleanly");
+    }
+    if !flusher.join(Duration::from_secs(10)) {
+        log::warn!("the store flusher did not stop in time");
+    }
     let _ = std::fs::remove_file(config::admin_socket(&config.data_dir));
+    log::info!(
+        "stopped: closed {sessions} sessions; {commits} durable writes in {flushes} flushes; store flushed"
+    );
     Ok(())
 }
 

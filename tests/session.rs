@@ -21,8 +21,14 @@ async fn sign_on_order_and_contents() {
     for user in ["alice", "bob", "carol"] {
         server.add_user(user, &password_of(user));
     }
-    server.send("bob", "m-1", &["alice"], &sample_data("first")).await.unwrap();
-    server.send("carol", "m-2", &["alice"], &sample_data("second")).await.unwrap();
+    server
+        .send("bob", "m-1", &["alice"], &sample_data("first"))
+        .await
+        .unwrap();
+    server
+        .send("carol", "m-2", &["alice"], &sample_data("second"))
+        .await
+        .unwrap();
     let mut bob = server.login("bob").await;
     read_sign_on(&mut bob, 1, 0).await;
     let mut carol = server.login("carol").await;
@@ -33,26 +39,50 @@ async fn sign_on_order_and_contents() {
 
     let mut alice = server.login("alice").await;
     let (users, statuses, messages) = read_sign_on(&mut alice, 3, 2).await;
-    assert_eq!(users, vec!["alice", "bob", "carol"], "every registered user, self included");
+    assert_eq!(
+        users,
+        vec!["alice", "bob", "carol"],
+        "every registered user, self included"
+    );
     assert_eq!(
         names(&statuses),
-        vec![("alice", Status::Online), ("bob", Status::Online), ("carol", Status::Idle)]
+        vec![
+            ("alice", Status::Online),
+            ("bob", Status::Online),
+            ("carol", Status::Idle)
+        ]
     );
     let carol_idle = statuses.iter().find(|s| s.0 == "carol").unwrap().2.unwrap();
-    assert!((30..40).contains(&carol_idle), "carol idle for {carol_idle}s");
-    assert!(statuses.iter().filter(|s| s.1 != Status::Idle).all(|s| s.2.is_none()));
+    assert!(
+        (30..40).contains(&carol_idle),
+        "carol idle for {carol_idle}s"
+    );
+    assert!(statuses
+        .iter()
+        .filter(|s| s.1 != Status::Idle)
+        .all(|s| s.2.is_none()));
     let first_size = sample_data("first").len() as u64;
     assert_eq!(
         messages,
         vec![
             ("m-1".to_string(), "bob".to_string(), first_size),
-            ("m-2".to_string(), "carol".to_string(), sample_data("second").len() as u64),
+            (
+                "m-2".to_string(),
+                "carol".to_string(),
+                sample_data("second").len() as u64
+            ),
         ],
         "waiting messages, oldest first"
     );
     // Others hear that alice came online.
-    assert_eq!(next_status(&mut bob).await, ("alice".into(), Status::Online, None));
-    assert_eq!(next_status(&mut carol).await, ("alice".into(), Status::Online, None));
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Online, None)
+    );
+    assert_eq!(
+        next_status(&mut carol).await,
+        ("alice".into(), Status::Online, None)
+    );
 }
 
 #[tokio::test]
@@ -65,12 +95,18 @@ async fn presence_across_three_users_and_two_sessions() {
     read_sign_on(&mut bob, 1, 0).await;
     let mut carol = server.login("carol").await;
     read_sign_on(&mut carol, 2, 0).await;
-    assert_eq!(next_status(&mut bob).await, ("carol".into(), Status::Online, None));
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("carol".into(), Status::Online, None)
+    );
 
     let mut alice1 = server.login("alice").await;
     read_sign_on(&mut alice1, 3, 0).await;
     for watcher in [&mut bob, &mut carol] {
-        assert_eq!(next_status(watcher).await, ("alice".into(), Status::Online, None));
+        assert_eq!(
+            next_status(watcher).await,
+            ("alice".into(), Status::Online, None)
+        );
     }
     // A second session of an online user is not news.
     let mut alice2 = server.login("alice").await;
@@ -82,7 +118,11 @@ async fn presence_across_three_users_and_two_sessions() {
     alice2.send(&Packet::Idle { idle_secs: 5 }).await.unwrap();
     for watcher in [&mut bob, &mut carol] {
         let (user, status, secs) = next_status(watcher).await;
-        assert_eq!((user.as_str(), status), ("alice", Status::Idle), "first news is IDLE, not the half-idle state");
+        assert_eq!(
+            (user.as_str(), status),
+            ("alice", Status::Idle),
+            "first news is IDLE, not the half-idle state"
+        );
         assert!((5..10).contains(&secs.unwrap()), "idle_secs {secs:?}");
     }
     // A repeated Idle from an idle session changes nothing.
@@ -90,7 +130,10 @@ async fn presence_across_three_users_and_two_sessions() {
     // NotIdle: BACK.
     alice1.send(&Packet::NotIdle {}).await.unwrap();
     for watcher in [&mut bob, &mut carol] {
-        assert_eq!(next_status(watcher).await, ("alice".into(), Status::Back, None));
+        assert_eq!(
+            next_status(watcher).await,
+            ("alice".into(), Status::Back, None)
+        );
     }
     // The active session ends while the other is idle: IDLE again.
     alice1.close().await;
@@ -103,7 +146,10 @@ async fn presence_across_three_users_and_two_sessions() {
     let mut alice3 = server.login("alice").await;
     read_sign_on(&mut alice3, 3, 0).await;
     for watcher in [&mut bob, &mut carol] {
-        assert_eq!(next_status(watcher).await, ("alice".into(), Status::Back, None));
+        assert_eq!(
+            next_status(watcher).await,
+            ("alice".into(), Status::Back, None)
+        );
     }
     // The user's own sessions are not told about themselves.
     bob.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
@@ -114,10 +160,16 @@ async fn presence_across_three_users_and_two_sessions() {
     alice3.close().await;
     let (user, status, _) = next_status(&mut carol).await;
     assert_eq!((user.as_str(), status), ("bob", Status::Idle));
-    assert_eq!(next_status(&mut carol).await, ("alice".into(), Status::Offline, None));
+    assert_eq!(
+        next_status(&mut carol).await,
+        ("alice".into(), Status::Offline, None)
+    );
     // A dead peer (dropped without close) also ends presence.
     drop(bob);
-    assert_eq!(next_status(&mut carol).await, ("bob".into(), Status::Offline, None));
+    assert_eq!(
+        next_status(&mut carol).await,
+        ("bob".into(), Status::Offline, None)
+    );
 }
 
 #[tokio::test]
@@ -134,7 +186,10 @@ async fn late_sign_on_sees_idle_user_and_new_users_are_announced() {
     let (_, statuses, _) = read_sign_on(&mut bob, 2, 0).await;
     let alice_status = statuses.iter().find(|s| s.0 == "alice").unwrap();
     assert_eq!(alice_status.1, Status::Idle);
-    assert!((601..620).contains(&alice_status.2.unwrap()), "{alice_status:?}");
+    assert!(
+        (601..620).contains(&alice_status.2.unwrap()),
+        "{alice_status:?}"
+    );
 
     server.add_user("dave", &password_of("dave"));
     for watcher in [&mut alice, &mut bob] {
@@ -157,10 +212,13 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
     server.add_user("alice", &password_of("alice"));
     let wrong = SessionClient::login(&server.connector, server.session_addr, "alice", "nope").await;
     let unknown = SessionClient::login(&server.connector, server.session_addr, "zed", "nope").await;
-    let bad_name = SessionClient::login(&server.connector, server.session_addr, "a b", "nope").await;
-    let (ClientError::LoginRefused(a), ClientError::LoginRefused(b), ClientError::LoginRefused(c)) =
-        (wrong.err().unwrap(), unknown.err().unwrap(), bad_name.err().unwrap())
-    else {
+    let bad_name =
+        SessionClient::login(&server.connector, server.session_addr, "a b", "nope").await;
+    let (ClientError::LoginRefused(a), ClientError::LoginRefused(b), ClientError::LoginRefused(c)) = (
+        wrong.err().unwrap(),
+        unknown.err().unwrap(),
+        bad_name.err().unwrap(),
+    ) else {
         panic!("logins should be refused");
     };
     assert_eq!(a, b);
@@ -172,13 +230,21 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
 async fn refused_login_is_closed_after_the_response() {
     let server = TestServer::start();
     server.add_user("alice", &password_of("alice"));
-    let mut client = SessionClient::connect(&server.connector, server.session_addr).await.unwrap();
+    let mut client = SessionClient::connect(&server.connector, server.session_addr)
+        .await
+        .unwrap();
     client
-        .send(&Packet::Login { username: "alice".into(), password: "bad".into() })
+        .send(&Packet::Login {
+            username: "alice".into(),
+            password: "bad".into(),
+        })
         .await
         .unwrap();
     match next(&mut client).await {
-        Packet::LoginResponse { ok: false, reason: Some(_) } => {}
+        Packet::LoginResponse {
+            ok: false,
+            reason: Some(_),
+        } => {}
         other => panic!("unexpected {other:?}"),
     }
     assert_closed(&mut client).await;
@@ -187,7 +253,9 @@ async fn refused_login_is_closed_after_the_response() {
 #[tokio::test]
 async fn first_packet_must_be_login() {
     let server = TestServer::start();
-    let mut client = SessionClient::connect(&server.connector, server.session_addr).await.unwrap();
+    let mut client = SessionClient::connect(&server.connector, server.session_addr)
+        .await
+        .unwrap();
     client.send(&Packet::Idle { idle_secs: 1 }).await.unwrap();
     assert_closed(&mut client).await;
 }
@@ -195,7 +263,9 @@ async fn first_packet_must_be_login() {
 #[tokio::test]
 async fn login_timeout_closes_a_silent_connection() {
     let server = TestServer::start_with(|c| c.timeouts.login_secs = 1);
-    let mut client = SessionClient::connect(&server.connector, server.session_addr).await.unwrap();
+    let mut client = SessionClient::connect(&server.connector, server.session_addr)
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     assert_closed(&mut client).await;
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -215,19 +285,32 @@ async fn pair(server: &TestServer) -> (SessionClient, SessionClient) {
 }
 
 /// After `alice` misbehaves, bob sees her go offline and still works.
-async fn assert_alice_closed_bob_fine(server: &TestServer, alice: &mut SessionClient, bob: &mut SessionClient) {
+async fn assert_alice_closed_bob_fine(
+    server: &TestServer,
+    alice: &mut SessionClient,
+    bob: &mut SessionClient,
+) {
     assert_closed(alice).await;
-    assert_eq!(next_status(bob).await, ("alice".into(), Status::Offline, None));
+    assert_eq!(
+        next_status(bob).await,
+        ("alice".into(), Status::Offline, None)
+    );
     let mut again = server.login("alice").await;
     read_sign_on(&mut again, 2, 0).await;
-    assert_eq!(next_status(bob).await, ("alice".into(), Status::Online, None));
+    assert_eq!(
+        next_status(bob).await,
+        ("alice".into(), Status::Online, None)
+    );
 }
 
 #[tokio::test]
 async fn garbage_frame_closes_only_that_session() {
     let server = TestServer::start();
     let (mut alice, mut bob) = pair(&server).await;
-    alice.send_raw(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
+    alice
+        .send_raw(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1])
+        .await
+        .unwrap();
     assert_alice_closed_bob_fine(&server, &mut alice, &mut bob).await;
 }
 
@@ -251,7 +334,12 @@ async fn zero_length_frame_closes() {
 async fn server_packet_from_client_closes() {
     let server = TestServer::start();
     let (mut alice, mut bob) = pair(&server).await;
-    alice.send(&Packet::AddUser { username: "x".into() }).await.unwrap();
+    alice
+        .send(&Packet::AddUser {
+            username: "x".into(),
+        })
+        .await
+        .unwrap();
     assert_alice_closed_bob_fine(&server, &mut alice, &mut bob).await;
 }
 
@@ -260,7 +348,10 @@ async fn second_login_closes() {
     let server = TestServer::start();
     let (mut alice, mut bob) = pair(&server).await;
     alice
-        .send(&Packet::Login { username: "alice".into(), password: password_of("alice") })
+        .send(&Packet::Login {
+            username: "alice".into(),
+            password: password_of("alice"),
+        })
         .await
         .unwrap();
     assert_alice_closed_bob_fine(&server, &mut alice, &mut bob).await;
@@ -291,15 +382,19 @@ async fn unknown_packet_type_is_ignored() {
     let (mut alice, mut bob) = pair(&server).await;
     // {"type": "Typing", "to": "bob"}
     let body = [
-        0x82, 0xa4, b't', b'y', b'p', b'e', 0xa6, b'T', b'y', b'p', b'i', b'n', b'g', 0xa2, b't', b'o', 0xa3, b'b',
-        b'o', b'b',
+        0x82, 0xa4, b't', b'y', b'p', b'e', 0xa6, b'T', b'y', b'p', b'i', b'n', b'g', 0xa2, b't',
+        b'o', 0xa3, b'b', b'o', b'b',
     ];
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     alice.send_raw(&frame).await.unwrap();
     alice.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
     let (user, status, _) = next_status(&mut bob).await;
-    assert_eq!((user.as_str(), status), ("alice", Status::Idle), "session still alive after unknown type");
+    assert_eq!(
+        (user.as_str(), status),
+        ("alice", Status::Idle),
+        "session still alive after unknown type"
+    );
 }
 
 #[tokio::test]

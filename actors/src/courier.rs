@@ -114,6 +114,12 @@ where
 {
     async fn run(mut self) -> Result<(), Fail> {
         let header = self.header().await?;
+        if self.services.is_shutting_down() {
+            return Err(answer(
+                ErrorCode::Unavailable,
+                "server is shutting down; try again",
+            ));
+        }
         let verified = if valid_username(&header.username) && valid_password(&header.password) {
             self.services
                 .auth

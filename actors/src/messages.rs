@@ -72,6 +72,11 @@ pub struct UserRemoved {
     pub user: String,
 }
 
+/// The server is stopping: close every session.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll;
+
 /// One user's presence, for the admin client.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UserPresence {

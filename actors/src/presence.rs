@@ -11,8 +11,8 @@ use actix::{Actor, Context, Handler, MessageResult};
 use bytes::Bytes;
 
 use crate::messages::{
-    ListOnline, Register, SessionId, SessionInfo, SetActive, SetIdle, Unregister, UserAdded,
-    UserPresence, UserRemoved,
+    CloseAll, ListOnline, Register, SessionId, SessionInfo, SetActive, SetIdle, Unregister,
+    UserAdded, UserPresence, UserRemoved,
 };
 use crate::outbound::Outbound;
 use crate::proto::{Packet, Status};
@@ -233,6 +233,21 @@ impl Handler<UserRemoved> for PresenceActor {
                 link.outbound.close();
             }
         }
+    }
+}
+
+impl Handler<CloseAll> for PresenceActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> usize {
+        let mut closed = 0;
+        for online in self.online.values() {
+            for link in online.sessions.values() {
+                link.outbound.close();
+                closed += 1;
+            }
+        }
+        closed
     }
 }
 

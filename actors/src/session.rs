@@ -180,17 +180,19 @@ impl Actor for SessionActor {
             outbound: self.outbound.clone(),
             peer: self.peer,
         });
-        let subscribe = self.services.mailbox.send(Subscribe {
+        let subscribe = Subscribe {
             user: self.user.clone(),
             session: self.session,
             outbound: self.outbound.clone(),
-        });
-        // Packets from the peer wait until the snapshot and the mailbox
-        // list are queued, so that they always come first.
+        };
+        let mailbox = self.services.mailbox.clone();
+        // `send` queues at once, so the mailbox is asked only after presence
+        // has queued the snapshot; packets from the peer wait until both
+        // are done, so that the sign-on packets always come first.
         ctx.wait(
             async move {
                 if register.await.is_ok() {
-                    let _ = subscribe.await;
+                    let _ = mailbox.send(subscribe).await;
                 }
             }
             .into_actor(self),

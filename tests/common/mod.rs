@@ -126,7 +126,13 @@ impl TestServer {
 
     /// Signs on and reads the sign-on packets up to the given count of
     /// StatusChange packets plus messages; returns them.
-    pub async fn send(&self, from: &str, id: &str, to: &[&str], data: &[u8]) -> Result<(), ClientError> {
+    pub async fn send(
+        &self,
+        from: &str,
+        id: &str,
+        to: &[&str],
+        data: &[u8],
+    ) -> Result<(), ClientError> {
         let recipients: Vec<String> = to.iter().map(|s| s.to_string()).collect();
         send_message(
             &self.connector,
@@ -142,8 +148,19 @@ impl TestServer {
         .await
     }
 
-    pub async fn receive(&self, user: &str, id: &str) -> Result<csm::client::Received, ClientError> {
-        csm::client::receive_message(&self.connector, self.message_addr, user, &password_of(user), id).await
+    pub async fn receive(
+        &self,
+        user: &str,
+        id: &str,
+    ) -> Result<csm::client::Received, ClientError> {
+        csm::client::receive_message(
+            &self.connector,
+            self.message_addr,
+            user,
+            &password_of(user),
+            id,
+        )
+        .await
     }
 }
 
@@ -185,7 +202,11 @@ pub async fn next(client: &mut SessionClient) -> Packet {
 /// The next StatusChange, as (user, status, idle_secs).
 pub async fn next_status(client: &mut SessionClient) -> (String, Status, Option<u64>) {
     match next(client).await {
-        Packet::StatusChange { username, status, idle_secs } => (username, status, idle_secs),
+        Packet::StatusChange {
+            username,
+            status,
+            idle_secs,
+        } => (username, status, idle_secs),
         other => panic!("expected StatusChange, got {other:?}"),
     }
 }
@@ -196,7 +217,11 @@ pub async fn read_sign_on(
     client: &mut SessionClient,
     statuses: usize,
     messages: usize,
-) -> (Vec<String>, Vec<(String, Status, Option<u64>)>, Vec<(String, String, u64)>) {
+) -> (
+    Vec<String>,
+    Vec<(String, Status, Option<u64>)>,
+    Vec<(String, String, u64)>,
+) {
     let mut users = Vec::new();
     let mut seen_status = Vec::new();
     let mut seen_messages = Vec::new();
@@ -206,8 +231,15 @@ pub async fn read_sign_on(
                 assert!(seen_status.is_empty(), "AddUser after StatusChange");
                 users.push(username);
             }
-            Packet::StatusChange { username, status, idle_secs } => {
-                assert!(seen_messages.is_empty(), "StatusChange after MessageAvailable");
+            Packet::StatusChange {
+                username,
+                status,
+                idle_secs,
+            } => {
+                assert!(
+                    seen_messages.is_empty(),
+                    "StatusChange after MessageAvailable"
+                );
                 seen_status.push((username, status, idle_secs));
             }
             Packet::MessageAvailable { id, from, size } => seen_messages.push((id, from, size)),
@@ -227,4 +259,54 @@ pub async fn assert_closed(client: &mut SessionClient) {
             Err(e) => panic!("expected the server to close, got {e}"),
         }
     }
+}
+
+/// Writes `bytes` on a fresh message stream (half-closing after them when
+/// `eof`), then returns everything the server sends until it closes.
+pub async fn raw_exchange(server: &TestServer, bytes: &[u8], eof: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = server
+        .connector
+        .connect(server.message_addr)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    writer.write_all(bytes).await.expect("write");
+    writer.flush().await.expect("flush");
+    if eof {
+        writer.shutdown().await.expect("shutdown");
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT * 2, reader.read_to_end(&mut answer)).await;
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Err(e)) => panic!("reading the answer: {e}"),
+        Err(_) => panic!(
+            "server did not close; got so far {:?}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The start of a send request: header lines, recipients, empty line, `c`.
+pub fn send_request(from: &str, id: &str, to: &[&str]) -> Vec<u8> {
+    let mut bytes = format!("{from}\n{}\n{id}\nsend\n", password_of(from)).into_bytes();
+    for recipient in to {
+        bytes.extend_from_slice(recipient.as_bytes());
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(b"\nc");
+    bytes
+}
+
+/// Asserts an answer is one error line with `code`.
+pub fn assert_error(answer: &str, code: &str) {
+    let prefix = format!("error {code} ");
+    assert!(
+        answer.starts_with(&prefix) && answer.ends_with('\n') && answer.matches('\n').count() == 1,
+        "expected one `error {code} …` line, got {answer:?}"
+    );
 }

@@ -43,16 +43,19 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the flusher thread for `store`; at most `max_waiting` commit
-    /// requests may wait at once. The thread ends when every handle is gone.
-    pub fn start(store: Arc<dyn Store>, max_waiting: usize) -> GroupCommit {
+    /// requests may wait at once. The thread makes a last flush and ends
+    /// when every handle is gone; [`Flusher::join`] waits for that.
+    pub fn start(
+        store: Arc<dyn Store>,
+        max_waiting: usize,
+    ) -> std::io::Result<(GroupCommit, Flusher)> {
         let (requests, incoming) = mpsc::sync_channel(max_waiting);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("csm-flusher".into())
-            .spawn(move || run(store, incoming, thread_stats))
-            .expect("the flusher thread can be started");
-        GroupCommit { requests, stats }
+            .spawn(move || run(store, incoming, thread_stats))?;
+        Ok((GroupCommit { requests, stats }, Flusher { thread }))
     }
 
     /// Resolves once every write made before this call is durable.
@@ -68,6 +71,26 @@ impl GroupCommit {
 
     pub fn stats(&self) -> &CommitStats {
         &self.stats
+    }
+}
+
+/// The flusher thread, to wait for at shutdown.
+pub struct Flusher {
+    thread: thread::JoinHandle<()>,
+}
+
+impl Flusher {
+    /// Waits up to `limit` for the thread to make its last flush and end
+    /// (it ends once every [`GroupCommit`] handle is dropped). True if it did.
+    pub fn join(self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.thread.join().is_ok()
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use commit::{CommitError, GroupCommit};
+pub use commit::{CommitError, Flusher, GroupCommit};
 pub use sled_store::SledStore;
 
 /// A failure of the store.
