@@ -93,6 +93,12 @@ impl Connector {
         let tcp = tokio::time::timeout(STEP, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout("TCP connect"))??;
+        self.handshake(tcp).await
+    }
+
+    /// TLS over an already connected socket (one bound to a chosen source
+    /// address, or with its own buffer sizes).
+    pub async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, ClientError> {
         tcp.set_nodelay(true)?;
         tokio::time::timeout(STEP, self.tls.connect(self.server_name.clone(), tcp))
             .await
@@ -141,9 +147,13 @@ impl SessionClient {
         connector: &Connector,
         addr: SocketAddr,
     ) -> Result<SessionClient, ClientError> {
-        let stream = connector.connect(addr).await?;
+        Ok(SessionClient::over(connector.connect(addr).await?))
+    }
+
+    /// A session over an established TLS stream.
+    pub fn over(stream: TlsStream<TcpStream>) -> SessionClient {
         let (reader, writer) = tokio::io::split(stream);
-        Ok(SessionClient { reader, writer })
+        SessionClient { reader, writer }
     }
 
     pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {

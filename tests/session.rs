@@ -416,3 +416,67 @@ async fn a_silent_session_is_not_closed_for_silence() {
     alice.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
     assert_eq!(next_status(&mut bob).await.1, Status::Idle);
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_closed_not_buffered() {
+    let server = TestServer::start_with(|c| c.limits.session_queue = 8);
+    for user in ["alice", "bob", "carol"] {
+        server.add_user(user, &password_of(user));
+    }
+    let mut carol = server.login("carol").await;
+    read_sign_on(&mut carol, 1, 0).await;
+    // alice's socket takes little before the kernel stops accepting.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.session_addr).await.unwrap();
+    let tls = server.connector.handshake(tcp).await.unwrap();
+    let mut alice = SessionClient::over(tls);
+    alice
+        .send(&Packet::Login {
+            username: "alice".into(),
+            password: password_of("alice"),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut alice).await,
+        Packet::LoginResponse { ok: true, .. }
+    ));
+    read_sign_on(&mut alice, 2, 0).await;
+    assert_eq!(next_status(&mut carol).await.0, "alice");
+    let mut bob = server.login("bob").await;
+    read_sign_on(&mut bob, 3, 0).await;
+    assert_eq!(next_status(&mut carol).await.0, "bob");
+
+    // carol keeps reading; alice never reads again; bob floods presence.
+    let watcher = tokio::spawn(async move {
+        loop {
+            match carol.next_packet(Duration::from_secs(60)).await {
+                Ok(Some(Packet::StatusChange {
+                    username,
+                    status: Status::Offline,
+                    ..
+                })) if username == "alice" => return true,
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    });
+    let flood = async {
+        for _ in 0..200_000 {
+            bob.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
+            bob.send(&Packet::NotIdle {}).await.unwrap();
+            if watcher.is_finished() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), flood)
+        .await
+        .expect("flood in time");
+    assert!(
+        watcher.await.unwrap(),
+        "carol saw alice closed for not reading, and kept working"
+    );
+    drop(alice);
+}
