@@ -125,13 +125,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (the development certificate, or any self-signed one), checked byte for
 /// byte; the handshake signatures are still verified.
 pub fn pinned_client_config(cert: CertificateDer<'static>) -> Result<Arc<ClientConfig>> {
+    pinned_client_config_for(cert, VERSIONS)
+}
+
+/// [`pinned_client_config`] offering only the given TLS versions.
+pub fn pinned_client_config_for(
+    cert: CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<ClientConfig>> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
         cert,
         provider: provider.clone(),
     });
     let config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)
+        .with_protocol_versions(versions)
         .context("TLS protocol versions")?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

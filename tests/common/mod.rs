@@ -52,6 +52,10 @@ impl TestServer {
             ..Config::default()
         };
         tweak(&mut config);
+        let pinned = config
+            .cert
+            .clone()
+            .unwrap_or_else(|| csm::tls::dev_cert_paths(dir).0);
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -81,7 +85,9 @@ impl TestServer {
             _temp: None,
             session_addr: ready.session_addr,
             message_addr: ready.message_addr,
-            connector: Connector::for_data_dir(dir).expect("connector"),
+            connector: Connector::new(
+                csm::tls::pinned_client_config_from_pem(&pinned).expect("connector"),
+            ),
             stop: Some(stop_tx),
             thread: Some(thread),
         }

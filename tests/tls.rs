@@ -1,0 +1,88 @@
+//! TLS: both 1.2 and 1.3 are served, sessions resume, the client pins the
+//! certificate, and `--cert/--key` replace the development certificate.
+
+mod common;
+
+use common::*;
+use csm::client::{ClientError, Connector, SessionClient};
+use rustls::HandshakeKind;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+fn cert_of(dir: &std::path::Path) -> CertificateDer<'static> {
+    let (cert, _) = csm::tls::dev_cert_paths(dir);
+    CertificateDer::from_pem_file(cert).unwrap()
+}
+
+#[tokio::test]
+async fn tls12_and_tls13_are_both_served() {
+    let server = TestServer::start();
+    server.add_user("alice", &password_of("alice"));
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let config =
+            csm::tls::pinned_client_config_for(cert_of(&server.data_dir), &[version]).unwrap();
+        let connector = Connector::new(config);
+        let stream = connector.connect(server.session_addr).await.unwrap();
+        assert_eq!(stream.get_ref().1.protocol_version(), Some(expected));
+        drop(stream);
+        SessionClient::login(
+            &connector,
+            server.session_addr,
+            "alice",
+            &password_of("alice"),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn repeated_message_streams_resume_the_tls_session() {
+    let server = TestServer::start();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let mut stream = server.connector.connect(server.message_addr).await.unwrap();
+        // TLS 1.3 tickets arrive after the handshake: read until the close.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(b"x\ny\nz\nfetch\n").await.unwrap();
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        kinds.push(stream.get_ref().1.handshake_kind());
+    }
+    assert_eq!(kinds[0], Some(HandshakeKind::Full));
+    assert_eq!(kinds[2], Some(HandshakeKind::Resumed), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn a_client_pinned_to_another_certificate_refuses_the_server() {
+    let server = TestServer::start();
+    let other = tempfile::tempdir().unwrap();
+    csm::tls::dev_identity(other.path()).unwrap();
+    let connector = Connector::for_data_dir(other.path()).unwrap();
+    assert!(matches!(
+        connector.connect(server.session_addr).await,
+        Err(ClientError::Io(_))
+    ));
+}
+
+#[tokio::test]
+async fn cert_and_key_files_replace_the_development_certificate() {
+    let issued = tempfile::tempdir().unwrap();
+    csm::tls::dev_identity(issued.path()).unwrap();
+    let (cert, key) = csm::tls::dev_cert_paths(issued.path());
+    let server = TestServer::start_with(|c| {
+        c.cert = Some(cert.clone());
+        c.key = Some(key.clone());
+    });
+    assert!(
+        !csm::tls::dev_cert_paths(&server.data_dir).0.exists(),
+        "no development certificate made"
+    );
+    let connector = Connector::for_data_dir(issued.path()).unwrap();
+    SessionClient::connect(&connector, server.session_addr)
+        .await
+        .unwrap();
+}
