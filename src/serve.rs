@@ -12,6 +12,7 @@ use actix::{Actor, Arbiter};
 use anyhow::{Context, Result};
 use csm_actors::auth::{AuthSettings, Authenticator};
 use csm_actors::mailbox::{MailboxActor, MailboxSettings};
+use csm_actors::mailboxes::Mailboxes;
 use csm_actors::messages::CloseAll;
 use csm_actors::presence::PresenceActor;
 use csm_actors::services::{OwnedCountGuard, Services};
@@ -35,6 +36,15 @@ pub struct Ready {
     pub session_addr: SocketAddr,
     pub message_addr: SocketAddr,
     pub fingerprint: String,
+}
+
+/// The mailbox limits of a configuration.
+pub fn mailbox_settings(config: &Config) -> MailboxSettings {
+    MailboxSettings {
+        max_messages: config.limits.mailbox_messages,
+        max_bytes: config.limits.mailbox_bytes,
+        id_retention: config.timeouts.id_retention(),
+    }
 }
 
 /// Binds both listeners from the configuration.
@@ -90,15 +100,8 @@ pub async fn run(
         users.len()
     );
     let presence = PresenceActor::new(users).start();
-    let mailbox_actor = MailboxActor::load(
-        store.clone(),
-        commit.clone(),
-        MailboxSettings {
-            max_messages: config.limits.mailbox_messages,
-            max_bytes: config.limits.mailbox_bytes,
-            id_retention: config.timeouts.id_retention(),
-        },
-    )?;
+    let mailboxes = Mailboxes::load(store.clone(), mailbox_settings(&config))?;
+    let mailbox_actor = MailboxActor::new(mailboxes, commit.clone());
     let mailbox_arbiter = Arbiter::new();
     let mailbox = MailboxActor::start_in_arbiter(&mailbox_arbiter.handle(), move |_| mailbox_actor);
 

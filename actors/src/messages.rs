@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::Message;
 
+use crate::mailboxes::{MailboxItem, MailboxStats};
 use crate::outbound::Outbound;
 use crate::proto::lines::StreamError;
 use crate::proto::Status;
@@ -126,9 +127,10 @@ pub struct Fetch {
     pub id: String,
 }
 
-/// Removes a message from a user's mailbox, durably (the receiver's `done`).
+/// Removes a message from a user's mailbox, durably (the receiver's `done`,
+/// or the admin); answers whether it was there.
 #[derive(Message)]
-#[rtype(result = "Result<(), StreamError>")]
+#[rtype(result = "Result<bool, StreamError>")]
 pub struct Remove {
     pub user: String,
     pub id: String,
@@ -151,6 +153,27 @@ pub struct Unsubscribe {
     pub user: String,
     pub session: SessionId,
 }
+
+/// Removes a user's messages stored before a time (all when `None`),
+/// durably; answers how many.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StreamError>")]
+pub struct Purge {
+    pub user: String,
+    pub older_than_unix: Option<u64>,
+}
+
+/// Lists one mailbox, or all.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<MailboxItem>, StreamError>")]
+pub struct ListMailbox {
+    pub user: Option<String>,
+}
+
+/// Asks for messages and bytes per user.
+#[derive(Message)]
+#[rtype(result = "Vec<MailboxStats>")]
+pub struct MailboxStatsRequest;
 
 /// A user was removed: drop their mailbox.
 #[derive(Message)]

@@ -1,0 +1,421 @@
+//! The mailboxes as plain data over the store: the in-memory index (per
+//! user: entries in arrival order, id → entry, bytes) rebuilt from the store
+//! at start, and every operation on it. The MailboxActor wraps this with
+//! group commit and notices; the offline admin uses it directly, so both
+//! change mailboxes through the same code.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{Deliver, Fetched};
+use crate::proto::data::{DataLimits, MessageData};
+use crate::proto::lines::{ErrorCode, StreamError};
+use crate::store::{unix_now, IdRecord, MessageHeader, Store, StoreError};
+
+/// Limits and retention of the mailboxes.
+#[derive(Debug, Clone)]
+pub struct MailboxSettings {
+    pub max_messages: usize,
+    pub max_bytes: u64,
+    /// How long an accepted message id is remembered for retries.
+    pub id_retention: Duration,
+}
+
+impl Default for MailboxSettings {
+    fn default() -> Self {
+        MailboxSettings {
+            max_messages: 10_000,
+            max_bytes: 1 << 30,
+            id_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// One waiting message in one mailbox, as the index holds it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub from: String,
+    pub size: u64,
+    pub stored_unix: u64,
+    /// Durable and announced; only committed entries can be received.
+    pub committed: bool,
+}
+
+#[derive(Default)]
+struct UserBox {
+    entries: BTreeMap<u64, Entry>,
+    by_id: HashMap<String, u64>,
+    bytes: u64,
+}
+
+/// A message as the admin lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxItem {
+    pub user: String,
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub stored_unix: u64,
+    /// Name (display form) and size of each attachment.
+    pub attachments: Vec<(String, u64)>,
+}
+
+/// Messages and bytes waiting for one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxStats {
+    pub user: String,
+    pub messages: usize,
+    pub bytes: u64,
+}
+
+/// What `store_message` did.
+pub enum Stored {
+    New(u64),
+    /// The same sender sent the same message with this id before.
+    Retry(u64),
+}
+
+pub fn internal(e: impl std::fmt::Display) -> StreamError {
+    log::error!("mailbox store failure: {e}");
+    StreamError::new(ErrorCode::Internal, format!("store failure: {e}"))
+}
+
+fn no_such_message() -> StreamError {
+    StreamError::new(ErrorCode::NoSuchMessage, "no such message in this mailbox")
+}
+
+/// SHA-256 over the recipient set (sorted) and the data: what makes two
+/// sends with one id "the same message".
+fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
+    let mut sorted: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for recipient in sorted {
+        ctx.update(recipient.as_bytes());
+        ctx.update(b"\n");
+    }
+    ctx.update(b"\0");
+    ctx.update(data);
+    ctx.finish().as_ref().to_vec()
+}
+
+/// The index and the operations on it; see the module doc. Writes are not
+/// durable until the caller flushes or commits.
+pub struct Mailboxes {
+    store: Arc<dyn Store>,
+    settings: MailboxSettings,
+    boxes: HashMap<String, UserBox>,
+    /// Mailboxes still holding each message; its data goes with the last.
+    holders: HashMap<u64, usize>,
+}
+
+impl Mailboxes {
+    /// Rebuilds the index from the store.
+    pub fn load(store: Arc<dyn Store>, settings: MailboxSettings) -> Result<Mailboxes, StoreError> {
+        let mut mailboxes = Mailboxes {
+            store,
+            settings,
+            boxes: HashMap::new(),
+            holders: HashMap::new(),
+        };
+        let mut headers: HashMap<u64, Option<MessageHeader>> = HashMap::new();
+        for entry in mailboxes.store.mailbox_entries()? {
+            let header = match headers.get(&entry.seq) {
+                Some(h) => h.clone(),
+                None => {
+                    let h = mailboxes.store.message_header(entry.seq)?;
+                    headers.insert(entry.seq, h.clone());
+                    h
+                }
+            };
+            let Some(header) = header else {
+                log::warn!(
+                    "mailbox entry {}/{} has no message; skipped",
+                    entry.user,
+                    entry.seq
+                );
+                continue;
+            };
+            mailboxes.insert_entry(&entry.user, entry.seq, &header, true);
+        }
+        Ok(mailboxes)
+    }
+
+    /// Messages and bytes waiting, in all mailboxes.
+    pub fn totals(&self) -> (usize, u64) {
+        self.boxes
+            .values()
+            .fold((0, 0), |(n, b), bx| (n + bx.entries.len(), b + bx.bytes))
+    }
+
+    /// The committed entries of a mailbox, oldest first.
+    pub fn committed(&self, user: &str) -> impl Iterator<Item = &Entry> {
+        self.boxes
+            .get(user)
+            .into_iter()
+            .flat_map(|bx| bx.entries.values())
+            .filter(|e| e.committed)
+    }
+
+    fn insert_entry(&mut self, user: &str, seq: u64, header: &MessageHeader, committed: bool) {
+        let bx = self.boxes.entry(user.to_owned()).or_default();
+        if bx.entries.contains_key(&seq) {
+            return;
+        }
+        bx.entries.insert(
+            seq,
+            Entry {
+                id: header.id.clone(),
+                from: header.sender.clone(),
+                size: header.size,
+                stored_unix: header.stored_unix,
+                committed,
+            },
+        );
+        bx.by_id.insert(header.id.clone(), seq);
+        bx.bytes += header.size;
+        *self.holders.entry(seq).or_default() += 1;
+    }
+
+    /// Checks quota and id, then writes the message and its entries
+    /// (uncommitted). An exact retry writes nothing.
+    pub fn store_message(&mut self, msg: &Deliver) -> Result<Stored, StreamError> {
+        let digest = digest(&msg.recipients, &msg.data);
+        let earlier = self.store.get_id(&msg.id).map_err(internal)?;
+        let conflict = match &earlier {
+            Some(rec) if rec.sender == msg.sender && rec.digest == digest => {
+                return Ok(Stored::Retry(rec.seq))
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let size = msg.data.len() as u64;
+        for recipient in &msg.recipients {
+            let (count, bytes) = self
+                .boxes
+                .get(recipient)
+                .map_or((0, 0), |bx| (bx.entries.len(), bx.bytes));
+            if count + 1 > self.settings.max_messages || bytes + size > self.settings.max_bytes {
+                return Err(StreamError::new(
+                    ErrorCode::Quota,
+                    format!("mailbox of {recipient} is full"),
+                ));
+            }
+        }
+        if conflict {
+            return Err(StreamError::new(
+                ErrorCode::Duplicate,
+                "message id already used for another message",
+            ));
+        }
+        let seq = self.store.next_seq().map_err(internal)?;
+        let now = unix_now();
+        let header = MessageHeader {
+            id: msg.id.clone(),
+            sender: msg.sender.clone(),
+            recipients: msg.recipients.clone(),
+            size,
+            stored_unix: now,
+        };
+        let id_record = IdRecord {
+            sender: msg.sender.clone(),
+            digest,
+            seq,
+            accepted_unix: now,
+        };
+        self.store
+            .put_message(seq, &header, &msg.data, &id_record)
+            .map_err(internal)?;
+        for recipient in &msg.recipients {
+            self.insert_entry(recipient, seq, &header, false);
+        }
+        Ok(Stored::New(seq))
+    }
+
+    /// Marks the message's entries committed; returns the entry and the
+    /// recipients whose entry just became committed.
+    pub fn mark_committed(
+        &mut self,
+        seq: u64,
+        recipients: &[String],
+    ) -> Option<(Entry, Vec<String>)> {
+        let mut newly = Vec::new();
+        let mut shown = None;
+        for recipient in recipients {
+            let Some(entry) = self
+                .boxes
+                .get_mut(recipient)
+                .and_then(|bx| bx.entries.get_mut(&seq))
+            else {
+                continue;
+            };
+            if !entry.committed {
+                entry.committed = true;
+                newly.push(recipient.clone());
+                shown.get_or_insert_with(|| entry.clone());
+            }
+        }
+        shown.map(|entry| (entry, newly))
+    }
+
+    fn seq_of(&self, user: &str, id: &str) -> Option<u64> {
+        let bx = self.boxes.get(user)?;
+        let seq = *bx.by_id.get(id)?;
+        bx.entries.get(&seq).filter(|e| e.committed).map(|_| seq)
+    }
+
+    /// A committed message of a mailbox, header and data.
+    pub fn fetch(&self, user: &str, id: &str) -> Result<Fetched, StreamError> {
+        let seq = self.seq_of(user, id).ok_or_else(no_such_message)?;
+        let header = self.store.message_header(seq).map_err(internal)?;
+        let data = self.store.message_data(seq).map_err(internal)?;
+        match (header, data) {
+            (Some(header), Some(data)) => Ok(Fetched { header, data }),
+            _ => Err(internal(format!("message {seq} is indexed but not stored"))),
+        }
+    }
+
+    /// Removes one message from one mailbox (its data with the last
+    /// holder). False if it was not there.
+    pub fn remove(&mut self, user: &str, id: &str) -> Result<bool, StreamError> {
+        let Some(bx) = self.boxes.get_mut(user) else {
+            return Ok(false);
+        };
+        let Some(seq) = bx.by_id.remove(id) else {
+            return Ok(false);
+        };
+        if let Some(entry) = bx.entries.remove(&seq) {
+            bx.bytes -= entry.size;
+        }
+        if bx.entries.is_empty() {
+            self.boxes.remove(user);
+        }
+        let holders = self.holders.entry(seq).or_insert(1);
+        *holders -= 1;
+        let last = *holders == 0;
+        if last {
+            self.holders.remove(&seq);
+        }
+        self.store.remove_entry(user, seq, last).map_err(internal)?;
+        Ok(true)
+    }
+
+    /// Removes the messages of a mailbox stored before `older_than_unix`
+    /// (all of them when `None`); returns how many.
+    pub fn purge(
+        &mut self,
+        user: &str,
+        older_than_unix: Option<u64>,
+    ) -> Result<usize, StreamError> {
+        let ids: Vec<String> = self
+            .boxes
+            .get(user)
+            .map(|bx| {
+                bx.entries
+                    .values()
+                    .filter(|e| older_than_unix.is_none_or(|cutoff| e.stored_unix < cutoff))
+                    .map(|e| e.id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ids {
+            self.remove(user, id)?;
+        }
+        Ok(ids.len())
+    }
+
+    /// The committed messages of one mailbox, or of all, oldest first per
+    /// user, with their attachments' names and sizes.
+    pub fn list(&self, user: Option<&str>) -> Result<Vec<MailboxItem>, StreamError> {
+        let mut users: Vec<&String> = match user {
+            Some(user) => self
+                .boxes
+                .get_key_value(user)
+                .map(|(k, _)| k)
+                .into_iter()
+                .collect(),
+            None => self.boxes.keys().collect(),
+        };
+        users.sort();
+        let mut items = Vec::new();
+        for user in users {
+            for entry in self.committed(user) {
+                let fetched = self.fetch(user, &entry.id)?;
+                let limits = DataLimits {
+                    max_bytes: usize::MAX,
+                    max_attachments: usize::MAX,
+                };
+                let attachments = MessageData::parse(&fetched.data, limits)
+                    .map(|data| {
+                        data.attachments
+                            .iter()
+                            .map(|a| (a.name(), a.data.len() as u64))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                items.push(MailboxItem {
+                    user: user.clone(),
+                    id: entry.id.clone(),
+                    sender: fetched.header.sender,
+                    recipients: fetched.header.recipients,
+                    size: entry.size,
+                    stored_unix: entry.stored_unix,
+                    attachments,
+                });
+            }
+        }
+        Ok(items)
+    }
+
+    /// Messages and bytes per user, users in name order.
+    pub fn stats(&self) -> Vec<MailboxStats> {
+        let mut stats: Vec<MailboxStats> = self
+            .boxes
+            .iter()
+            .map(|(user, bx)| MailboxStats {
+                user: user.clone(),
+                messages: bx.entries.len(),
+                bytes: bx.bytes,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.user.cmp(&b.user));
+        stats
+    }
+
+    /// Forgets accepted ids past their retention whose message is gone.
+    pub fn prune_ids(&mut self) {
+        let cutoff = unix_now().saturating_sub(self.settings.id_retention.as_secs());
+        let records = match self.store.id_records() {
+            Ok(records) => records,
+            Err(e) => {
+                log::warn!("could not scan message ids for pruning: {e}");
+                return;
+            }
+        };
+        let mut pruned = 0;
+        for (id, record) in records {
+            if record.accepted_unix < cutoff && !self.holders.contains_key(&record.seq) {
+                if let Err(e) = self.store.remove_id(&id) {
+                    log::warn!("could not prune message id: {e}");
+                    return;
+                }
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            log::info!(
+                "pruned {pruned} message ids older than {:?}",
+                self.settings.id_retention
+            );
+        }
+    }
+
+    pub fn settings(&self) -> &MailboxSettings {
+        &self.settings
+    }
+}
