@@ -2,6 +2,7 @@
 //! socket in the data directory) or, when none runs, directly on the store.
 
 pub mod offline;
+pub mod output;
 pub mod protocol;
 pub mod socket;
 
@@ -34,6 +35,11 @@ pub enum AdminCommand {
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Inspect and clean mailboxes.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+    /// Open sessions: user, status, idle time, peer, connected since.
+    Sessions,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,8 +51,45 @@ pub enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Remove a user and their mailbox; their sessions close.
+    Remove { name: String },
+    /// Change a user's password; cached credentials are dropped at once.
+    Passwd {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
     /// List users, with presence when the server runs.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    /// Messages waiting, for one user or all.
+    List { user: Option<String> },
+    /// One message: its text and attachments.
+    Show {
+        user: String,
+        id: String,
+        /// Write the attachments into this directory (names made safe).
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
+    /// Delete one message from a user's mailbox.
+    Delete { user: String, id: String },
+    /// Delete a user's messages, all or those older than a duration (`7d`, `12h`).
+    Purge {
+        user: String,
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Option<Duration>,
+    },
+    /// Messages and bytes per user and in total.
+    Stats,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 90s, 30m, 12h, 7d)"))
 }
 
 /// Runs one admin command; exit 0 done, 1 not found or refused.
@@ -60,7 +103,19 @@ pub fn run(args: AdminArgs) -> ExitCode {
     };
     match execute(&args.data_dir, request) {
         Ok(reply) => {
-            print_reply(&reply, args.json);
+            if let (
+                AdminCommand::Mailbox(MailboxCommand::Show {
+                    save: Some(dir), ..
+                }),
+                Reply::Message { message },
+            ) = (&args.command, &reply)
+            {
+                if let Err(e) = output::save_attachments(message, dir, args.json) {
+                    eprintln!("csm admin: saving attachments: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            output::print_reply(&reply, args.json);
             ExitCode::SUCCESS
         }
         Err(failure) => {
@@ -73,37 +128,67 @@ pub fn run(args: AdminArgs) -> ExitCode {
     }
 }
 
+fn read_password(name: &str, from_stdin: bool) -> Result<String, String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the password from stdin: {e}"))?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    let first = rpassword::prompt_password(format!("password for {name}: "))
+        .map_err(|e| format!("reading the password: {e}"))?;
+    let again =
+        rpassword::prompt_password("again: ").map_err(|e| format!("reading the password: {e}"))?;
+    if first != again {
+        return Err("the passwords differ".into());
+    }
+    Ok(first)
+}
+
 fn build_request(command: &AdminCommand) -> Result<Request, String> {
-    match command {
+    Ok(match command {
         AdminCommand::User(UserCommand::Add {
             name,
             password_stdin,
-        }) => {
-            let password = if *password_stdin {
-                let mut line = String::new();
-                std::io::stdin()
-                    .lock()
-                    .take(4096)
-                    .read_line(&mut line)
-                    .map_err(|e| format!("reading the password from stdin: {e}"))?;
-                line.trim_end_matches(['\n', '\r']).to_owned()
-            } else {
-                let first = rpassword::prompt_password(format!("password for {name}: "))
-                    .map_err(|e| format!("reading the password: {e}"))?;
-                let again = rpassword::prompt_password("again: ")
-                    .map_err(|e| format!("reading the password: {e}"))?;
-                if first != again {
-                    return Err("the passwords differ".into());
-                }
-                first
-            };
-            Ok(Request::UserAdd {
-                name: name.clone(),
-                password,
-            })
+        }) => Request::UserAdd {
+            name: name.clone(),
+            password: read_password(name, *password_stdin)?,
+        },
+        AdminCommand::User(UserCommand::Remove { name }) => {
+            Request::UserRemove { name: name.clone() }
         }
-        AdminCommand::User(UserCommand::List) => Ok(Request::UserList),
-    }
+        AdminCommand::User(UserCommand::Passwd {
+            name,
+            password_stdin,
+        }) => Request::UserPasswd {
+            name: name.clone(),
+            password: read_password(name, *password_stdin)?,
+        },
+        AdminCommand::User(UserCommand::List) => Request::UserList,
+        AdminCommand::Mailbox(MailboxCommand::List { user }) => {
+            Request::MailboxList { user: user.clone() }
+        }
+        AdminCommand::Mailbox(MailboxCommand::Show { user, id, save }) => Request::MailboxShow {
+            user: user.clone(),
+            id: id.clone(),
+            with_data: save.is_some(),
+        },
+        AdminCommand::Mailbox(MailboxCommand::Delete { user, id }) => Request::MailboxDelete {
+            user: user.clone(),
+            id: id.clone(),
+        },
+        AdminCommand::Mailbox(MailboxCommand::Purge { user, older_than }) => {
+            Request::MailboxPurge {
+                user: user.clone(),
+                older_than_secs: older_than.map(|d| d.as_secs()),
+            }
+        }
+        AdminCommand::Mailbox(MailboxCommand::Stats) => Request::MailboxStats,
+        AdminCommand::Sessions => Request::Sessions,
+    })
 }
 
 /// Sends `request` to the running server, or runs it on the store when no
@@ -140,70 +225,4 @@ fn over_socket(mut stream: UnixStream, request: &Request) -> Outcome {
         .map_err(io)?;
     serde_json::from_str::<Outcome>(&answer)
         .map_err(|e| Failure::internal(format!("bad answer from the server: {e}")))?
-}
-
-fn print_reply(reply: &Reply, json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(reply).unwrap_or_default()
-        );
-        return;
-    }
-    match reply {
-        Reply::Done { message } => println!("{message}"),
-        Reply::Users { live, users } => {
-            let rows: Vec<Vec<String>> = users
-                .iter()
-                .map(|u| {
-                    vec![
-                        u.name.clone(),
-                        u.status
-                            .map_or_else(|| "-".into(), |s| format!("{s:?}").to_uppercase()),
-                        u.idle_secs.map_or_else(|| "-".into(), format_secs),
-                        if *live {
-                            u.sessions.to_string()
-                        } else {
-                            "-".into()
-                        },
-                    ]
-                })
-                .collect();
-            print_table(&["USER", "STATUS", "IDLE", "SESSIONS"], &rows);
-            if !live {
-                println!("(no server running: presence unknown)");
-            }
-        }
-    }
-}
-
-/// `90` → `1m30s`.
-pub fn format_secs(secs: u64) -> String {
-    match secs {
-        0..=59 => format!("{secs}s"),
-        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
-        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
-    }
-}
-
-/// Prints rows under headers, columns aligned.
-pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
 }

@@ -1,19 +1,52 @@
 //! The admin requests and replies, shared by the admin client, the server's
 //! admin socket and the offline mode: one JSON object per line each way.
 
+use base64::Engine;
+use csm_actors::mailboxes::{MailboxItem, MailboxStats};
+use csm_actors::messages::Fetched;
+use csm_actors::proto::data::{DataLimits, MessageData};
 use csm_actors::proto::names::{valid_password, valid_username};
 use csm_actors::proto::Status;
 use serde::{Deserialize, Serialize};
 
-/// Longest request or reply line on the admin socket.
-pub const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Longest request or reply line on the admin socket (a 16 MiB message
+/// with its attachments in base64 fits).
+pub const MAX_LINE: usize = 64 * 1024 * 1024;
 
 /// One admin operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    UserAdd { name: String, password: String },
+    UserAdd {
+        name: String,
+        password: String,
+    },
+    UserRemove {
+        name: String,
+    },
+    UserPasswd {
+        name: String,
+        password: String,
+    },
     UserList,
+    MailboxList {
+        user: Option<String>,
+    },
+    MailboxShow {
+        user: String,
+        id: String,
+        with_data: bool,
+    },
+    MailboxDelete {
+        user: String,
+        id: String,
+    },
+    MailboxPurge {
+        user: String,
+        older_than_secs: Option<u64>,
+    },
+    MailboxStats,
+    Sessions,
 }
 
 /// How an operation failed; decides the exit code.
@@ -44,6 +77,13 @@ impl Failure {
         }
     }
 
+    pub fn not_found(message: impl Into<String>) -> Failure {
+        Failure {
+            kind: FailureKind::NotFound,
+            message: message.into(),
+        }
+    }
+
     pub fn internal(message: impl std::fmt::Display) -> Failure {
         Failure {
             kind: FailureKind::Internal,
@@ -62,12 +102,105 @@ pub struct UserRow {
     pub sessions: usize,
 }
 
+/// One row of `sessions`: one open session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRow {
+    pub user: String,
+    pub status: Status,
+    pub idle_secs: Option<u64>,
+    /// The user's open sessions, this one included.
+    pub session_count: usize,
+    pub peer: String,
+    pub connected_unix: u64,
+}
+
+/// One attachment of a shown message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub name: String,
+    pub size: u64,
+    /// The bytes in standard base64, when asked for.
+    pub data_base64: Option<String>,
+}
+
+/// A shown message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub stored_unix: u64,
+    /// The text, decoded from modified UTF-8 (a lone surrogate shows as U+FFFD).
+    pub text: String,
+    pub attachments: Vec<AttachmentView>,
+}
+
+impl MessageView {
+    /// Decodes a stored message for display.
+    pub fn new(fetched: Fetched, with_data: bool) -> Result<MessageView, Failure> {
+        let limits = DataLimits {
+            max_bytes: usize::MAX,
+            max_attachments: usize::MAX,
+        };
+        let data = MessageData::parse(&fetched.data, limits)
+            .map_err(|e| Failure::internal(format!("stored data does not parse: {e}")))?;
+        let engine = base64::engine::general_purpose::STANDARD;
+        Ok(MessageView {
+            id: fetched.header.id,
+            sender: fetched.header.sender,
+            recipients: fetched.header.recipients,
+            size: fetched.header.size,
+            stored_unix: fetched.header.stored_unix,
+            text: data.text(),
+            attachments: data
+                .attachments
+                .iter()
+                .map(|a| AttachmentView {
+                    name: a.name(),
+                    size: a.data.len() as u64,
+                    data_base64: with_data.then(|| engine.encode(&a.data)),
+                })
+                .collect(),
+        })
+    }
+}
+
 /// A successful operation's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
-    Done { message: String },
-    Users { live: bool, users: Vec<UserRow> },
+    Done {
+        message: String,
+    },
+    Users {
+        live: bool,
+        users: Vec<UserRow>,
+    },
+    Mailbox {
+        items: Vec<MailboxItem>,
+    },
+    Message {
+        message: MessageView,
+    },
+    Stats {
+        users: Vec<MailboxStats>,
+        total_messages: usize,
+        total_bytes: u64,
+    },
+    Sessions {
+        sessions: Vec<SessionRow>,
+    },
+}
+
+impl Reply {
+    pub fn stats(users: Vec<MailboxStats>) -> Reply {
+        Reply::Stats {
+            total_messages: users.iter().map(|u| u.messages).sum(),
+            total_bytes: users.iter().map(|u| u.bytes).sum(),
+            users,
+        }
+    }
 }
 
 /// What the socket carries back.
@@ -80,10 +213,20 @@ pub fn check_new_user(name: &str, password: &str) -> Result<(), Failure> {
             "invalid username {name:?}: 1-64 characters from A-Z a-z 0-9 . _ -"
         )));
     }
+    check_password(password)
+}
+
+/// Checks a password.
+pub fn check_password(password: &str) -> Result<(), Failure> {
     if !valid_password(password) {
         return Err(Failure::refused(
             "invalid password: 1-1024 bytes, no CR or LF",
         ));
     }
     Ok(())
+}
+
+/// The cutoff time for "older than `secs`".
+pub fn cutoff(older_than_secs: Option<u64>) -> Option<u64> {
+    older_than_secs.map(|secs| csm_actors::store::unix_now().saturating_sub(secs))
 }

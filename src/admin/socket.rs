@@ -8,8 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use csm_actors::messages::{ListOnline, UserAdded};
-use csm_actors::proto::lines::read_line;
+use std::collections::HashMap;
+
+use csm_actors::messages::{
+    DropMailbox, Fetch, ListMailbox, ListOnline, MailboxStatsRequest, Purge, Remove, UserAdded,
+    UserRemoved,
+};
+use csm_actors::proto::lines::{read_line, ErrorCode, StreamError};
 use csm_actors::proto::Status;
 use csm_actors::services::Services;
 use csm_actors::store::{unix_now, StoreError, UserRecord};
@@ -17,7 +22,10 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::protocol::{check_new_user, Failure, Outcome, Reply, Request, UserRow, MAX_LINE};
+use super::protocol::{
+    check_new_user, check_password, cutoff, Failure, MessageView, Outcome, Reply, Request,
+    SessionRow, UserRow, MAX_LINE,
+};
 
 /// How long one admin connection may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,7 +103,16 @@ async fn handle(stream: UnixStream, services: Arc<Services>) {
     let _ = writer.shutdown().await;
 }
 
+fn stream_failure(e: StreamError) -> Failure {
+    match e.code {
+        ErrorCode::NoSuchMessage => Failure::not_found(e.text),
+        _ => Failure::internal(e),
+    }
+}
+
 async fn execute(request: Request, services: &Services) -> Outcome {
+    let mailbox = &services.mailbox;
+    let unreachable = |e: actix::MailboxError| Failure::internal(format!("mailbox actor: {e}"));
     match request {
         Request::UserAdd { name, password } => {
             check_new_user(&name, &password)?;
@@ -118,9 +135,53 @@ async fn execute(request: Request, services: &Services) -> Outcome {
             services.commit.commit().await.map_err(Failure::internal)?;
             services.presence.do_send(UserAdded { user: name.clone() });
             log::info!("admin: user {name} added");
-            Ok(Reply::Done {
-                message: format!("user {name} added"),
-            })
+            done(format!("user {name} added"))
+        }
+        Request::UserRemove { name } => {
+            if !services
+                .store
+                .remove_user(&name)
+                .map_err(Failure::internal)?
+            {
+                return Err(Failure::not_found(format!("no user {name}")));
+            }
+            services.auth.forget(&name);
+            services
+                .presence
+                .do_send(UserRemoved { user: name.clone() });
+            let dropped = mailbox
+                .send(DropMailbox { user: name.clone() })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            services.commit.commit().await.map_err(Failure::internal)?;
+            log::info!("admin: user {name} removed with {dropped} waiting messages");
+            done(format!(
+                "user {name} removed ({dropped} waiting messages deleted)"
+            ))
+        }
+        Request::UserPasswd { name, password } => {
+            check_password(&password)?;
+            let Some(mut record) = services.store.get_user(&name).map_err(Failure::internal)?
+            else {
+                return Err(Failure::not_found(format!("no user {name}")));
+            };
+            record.password_hash = services
+                .auth
+                .hash(&password)
+                .await
+                .map_err(Failure::internal)?;
+            if !services
+                .store
+                .update_user(&name, &record)
+                .map_err(Failure::internal)?
+            {
+                return Err(Failure::not_found(format!("no user {name}")));
+            }
+            services.auth.forget(&name);
+            services.commit.commit().await.map_err(Failure::internal)?;
+            log::info!("admin: password of {name} changed");
+            done(format!("password of {name} changed"))
         }
         Request::UserList => {
             let names = services.store.list_users().map_err(Failure::internal)?;
@@ -129,7 +190,7 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                 .send(ListOnline)
                 .await
                 .map_err(Failure::internal)?;
-            let mut online: std::collections::HashMap<_, _> =
+            let mut online: HashMap<_, _> =
                 online.into_iter().map(|p| (p.user.clone(), p)).collect();
             let users = names
                 .into_iter()
@@ -150,5 +211,94 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                 .collect();
             Ok(Reply::Users { live: true, users })
         }
+        Request::MailboxList { user } => {
+            let items = mailbox
+                .send(ListMailbox { user })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            Ok(Reply::Mailbox { items })
+        }
+        Request::MailboxShow {
+            user,
+            id,
+            with_data,
+        } => {
+            let fetched = mailbox
+                .send(Fetch { user, id })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            Ok(Reply::Message {
+                message: MessageView::new(fetched, with_data)?,
+            })
+        }
+        Request::MailboxDelete { user, id } => {
+            let removed = mailbox
+                .send(Remove {
+                    user: user.clone(),
+                    id: id.clone(),
+                })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            if !removed {
+                return Err(Failure::not_found(format!(
+                    "no message {id} in the mailbox of {user}"
+                )));
+            }
+            log::info!("admin: message {id} deleted from the mailbox of {user}");
+            done(format!("message {id} deleted from the mailbox of {user}"))
+        }
+        Request::MailboxPurge {
+            user,
+            older_than_secs,
+        } => {
+            let purged = mailbox
+                .send(Purge {
+                    user: user.clone(),
+                    older_than_unix: cutoff(older_than_secs),
+                })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            log::info!("admin: {purged} messages purged from the mailbox of {user}");
+            done(format!(
+                "{purged} messages purged from the mailbox of {user}"
+            ))
+        }
+        Request::MailboxStats => {
+            let stats = mailbox
+                .send(MailboxStatsRequest)
+                .await
+                .map_err(unreachable)?;
+            Ok(Reply::stats(stats))
+        }
+        Request::Sessions => {
+            let online = services
+                .presence
+                .send(ListOnline)
+                .await
+                .map_err(Failure::internal)?;
+            let sessions = online
+                .into_iter()
+                .flat_map(|p| {
+                    let count = p.sessions.len();
+                    p.sessions.into_iter().map(move |s| SessionRow {
+                        user: p.user.clone(),
+                        status: p.status,
+                        idle_secs: p.idle_secs,
+                        session_count: count,
+                        peer: s.peer,
+                        connected_unix: s.connected_unix,
+                    })
+                })
+                .collect();
+            Ok(Reply::Sessions { sessions })
+        }
     }
+}
+
+fn done(message: String) -> Outcome {
+    Ok(Reply::Done { message })
 }
