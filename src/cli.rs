@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::admin::AdminArgs;
 use crate::config::Overrides;
+use crate::sim::SimArgs;
 
 /// Presence and store-and-forward messaging server.
 #[derive(Debug, Parser)]
@@ -21,6 +22,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Manage users, live through the admin socket or offline on the store.
     Admin(AdminArgs),
+    /// Load-test a server with simulated users, and check what it delivers.
+    Sim(Box<SimArgs>),
 }
 
 /// `csm serve` options; each overrides the configuration file.

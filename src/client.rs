@@ -96,6 +96,28 @@ impl Connector {
         self.handshake(tcp).await
     }
 
+    /// Connects from a chosen local address (to spread many connections
+    /// over 127.0.0.x and so past one address's ephemeral ports).
+    pub async fn connect_from(
+        &self,
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<TlsStream<TcpStream>, ClientError> {
+        let Some(source) = source else {
+            return self.connect(addr).await;
+        };
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = tokio::time::timeout(STEP, socket.connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout("TCP connect"))??;
+        self.handshake(tcp).await
+    }
+
     /// TLS over an already connected socket (one bound to a chosen source
     /// address, or with its own buffer sizes).
     pub async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, ClientError> {
@@ -109,68 +131,12 @@ impl Connector {
 
 type Tls = TlsStream<TcpStream>;
 
-/// One session stream.
-pub struct SessionClient {
+/// The read side of a session stream.
+pub struct SessionReader {
     reader: ReadHalf<Tls>,
-    writer: WriteHalf<Tls>,
 }
 
-impl SessionClient {
-    /// Connects and signs on; fails with `LoginRefused` and the reason if the
-    /// server says no.
-    pub async fn login(
-        connector: &Connector,
-        addr: SocketAddr,
-        username: &str,
-        password: &str,
-    ) -> Result<SessionClient, ClientError> {
-        let mut client = SessionClient::connect(connector, addr).await?;
-        client
-            .send(&Packet::Login {
-                username: username.to_owned(),
-                password: password.to_owned(),
-            })
-            .await?;
-        match client.recv(STEP).await? {
-            Some(Decoded::Known(Packet::LoginResponse { ok: true, .. })) => Ok(client),
-            Some(Decoded::Known(Packet::LoginResponse { ok: false, reason })) => {
-                Err(ClientError::LoginRefused(reason.unwrap_or_default()))
-            }
-            other => Err(ClientError::Protocol(format!(
-                "expected LoginResponse, got {other:?}"
-            ))),
-        }
-    }
-
-    /// Connects without signing on.
-    pub async fn connect(
-        connector: &Connector,
-        addr: SocketAddr,
-    ) -> Result<SessionClient, ClientError> {
-        Ok(SessionClient::over(connector.connect(addr).await?))
-    }
-
-    /// A session over an established TLS stream.
-    pub fn over(stream: TlsStream<TcpStream>) -> SessionClient {
-        let (reader, writer) = tokio::io::split(stream);
-        SessionClient { reader, writer }
-    }
-
-    pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {
-        self.send_raw(&packet.to_frame()).await
-    }
-
-    /// Writes raw bytes, for tests of malformed input.
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        tokio::time::timeout(STEP, async {
-            self.writer.write_all(bytes).await?;
-            self.writer.flush().await
-        })
-        .await
-        .map_err(|_| ClientError::Timeout("write"))??;
-        Ok(())
-    }
-
+impl SessionReader {
     /// The next packet, or `None` when the server closed the stream.
     pub async fn recv(&mut self, wait: Duration) -> Result<Option<Decoded>, ClientError> {
         let frame =
@@ -196,10 +162,120 @@ impl SessionClient {
             }
         }
     }
+}
+
+/// The write side of a session stream.
+pub struct SessionWriter {
+    writer: WriteHalf<Tls>,
+}
+
+impl SessionWriter {
+    pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {
+        self.send_raw(&packet.to_frame()).await
+    }
+
+    /// Writes raw bytes, for tests of malformed input.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        tokio::time::timeout(STEP, async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout("write"))??;
+        Ok(())
+    }
 
     /// Closes the stream cleanly.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(STEP, self.writer.shutdown()).await;
+    }
+}
+
+/// One session stream.
+pub struct SessionClient {
+    reader: SessionReader,
+    writer: SessionWriter,
+}
+
+impl SessionClient {
+    /// Connects and signs on; fails with `LoginRefused` and the reason if the
+    /// server says no.
+    pub async fn login(
+        connector: &Connector,
+        addr: SocketAddr,
+        username: &str,
+        password: &str,
+    ) -> Result<SessionClient, ClientError> {
+        let client = SessionClient::connect(connector, addr).await?;
+        client.sign_on(username, password).await
+    }
+
+    /// Sends `Login` and waits for the answer.
+    pub async fn sign_on(
+        mut self,
+        username: &str,
+        password: &str,
+    ) -> Result<SessionClient, ClientError> {
+        self.send(&Packet::Login {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        })
+        .await?;
+        match self.recv(STEP).await? {
+            Some(Decoded::Known(Packet::LoginResponse { ok: true, .. })) => Ok(self),
+            Some(Decoded::Known(Packet::LoginResponse { ok: false, reason })) => {
+                Err(ClientError::LoginRefused(reason.unwrap_or_default()))
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected LoginResponse, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Connects without signing on.
+    pub async fn connect(
+        connector: &Connector,
+        addr: SocketAddr,
+    ) -> Result<SessionClient, ClientError> {
+        Ok(SessionClient::over(connector.connect(addr).await?))
+    }
+
+    /// A session over an established TLS stream.
+    pub fn over(stream: TlsStream<TcpStream>) -> SessionClient {
+        let (reader, writer) = tokio::io::split(stream);
+        SessionClient {
+            reader: SessionReader { reader },
+            writer: SessionWriter { writer },
+        }
+    }
+
+    /// The two sides, to read and write from different tasks.
+    pub fn split(self) -> (SessionReader, SessionWriter) {
+        (self.reader, self.writer)
+    }
+
+    pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {
+        self.writer.send(packet).await
+    }
+
+    /// Writes raw bytes, for tests of malformed input.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.writer.send_raw(bytes).await
+    }
+
+    /// The next packet, or `None` when the server closed the stream.
+    pub async fn recv(&mut self, wait: Duration) -> Result<Option<Decoded>, ClientError> {
+        self.reader.recv(wait).await
+    }
+
+    /// The next known packet, skipping unknown types as a client must.
+    pub async fn next_packet(&mut self, wait: Duration) -> Result<Option<Packet>, ClientError> {
+        self.reader.next_packet(wait).await
+    }
+
+    /// Closes the stream cleanly.
+    pub async fn close(self) {
+        self.writer.close().await
     }
 }
 

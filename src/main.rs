@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Admin(args) => csm::admin::run(args),
+        Command::Sim(args) => csm::sim::run(*args),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Password checks: argon2id (PHC strings) on a bounded blocking pool, and
+//! Password checks: argon2id (PHC strings) on a small pool of its own, and
 //! a cache of verified credentials so that message streams, which carry the
 //! password every time, pay for argon2 once. The cache holds an HMAC of
 //! user and password under a key made at start, never the password; it is
@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
 use ring::hmac;
 use thiserror::Error;
 use tokio::sync::Semaphore;
@@ -57,6 +57,7 @@ pub struct Authenticator {
     settings: AuthSettings,
     key: hmac::Key,
     cache: Mutex<HashMap<String, hmac::Tag>>,
+    pool: HashPool,
     /// Bumped by every `forget`, so a check that started before a password
     /// change cannot cache the old password after it.
     generation: AtomicU64,
@@ -71,9 +72,12 @@ impl Authenticator {
         let rng = ring::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| AuthError::Hash("no system randomness".into()))?;
-        let dummy_hash = hash_password("csm-dummy-password-for-unknown-users")?;
+        let pool = HashPool::start(settings.parallel_hashes.max(1))?;
+        let dummy_hash =
+            pool.run_blocking(|| hash_password("csm-dummy-password-for-unknown-users"))??;
         Ok(Authenticator {
             store,
+            pool,
             permits: Arc::new(Semaphore::new(settings.parallel_hashes.max(1))),
             settings,
             key,
@@ -128,16 +132,14 @@ impl Authenticator {
     pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
         let _permit = self.permit().await?;
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || hash_password(&password))
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))?
+        self.pool.run(move || hash_password(&password)).await?
     }
 
     async fn run_argon2(&self, hash: String, password: String) -> Result<bool, AuthError> {
         let _permit = self.permit().await?;
-        tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))?
+        self.pool
+            .run(move || verify_password(&hash, &password))
+            .await?
     }
 
     async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, AuthError> {
@@ -158,28 +160,182 @@ impl Authenticator {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for argon2. Each run needs 19 MiB; on a few
+/// long-lived threads that memory is reused, where a general blocking pool
+/// would leave a copy in the allocator of every thread it ever used.
+struct HashPool {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl HashPool {
+    fn start(threads: usize) -> Result<HashPool, AuthError> {
+        // The semaphore in front admits at most `threads` jobs at once.
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(threads);
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..threads {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("csm-argon2-{n}"))
+                .spawn(move || loop {
+                    // Take the working memory now, so the server's footprint
+                    // is known from the start rather than at the first login.
+                    BLOCKS.with(|blocks| {
+                        let mut blocks = blocks.borrow_mut();
+                        let needed = Params::default().block_count();
+                        if blocks.len() < needed {
+                            blocks.resize(needed, argon2::Block::default());
+                        }
+                    });
+                    let job = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })
+                .map_err(|e| AuthError::Hash(format!("starting the argon2 pool: {e}")))?;
+        }
+        Ok(HashPool { jobs })
+    }
+
+    /// Runs `work` on the pool and waits for it, from a thread that is not
+    /// an event loop (start-up).
+    fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(work());
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| AuthError::Hash("argon2 pool stopped".into()))?;
+        rx.recv()
+            .map_err(|_| AuthError::Hash("argon2 worker stopped".into()))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(work());
+        });
+        self.jobs.try_send(job).map_err(|_| AuthError::Busy)?;
+        rx.await
+            .map_err(|_| AuthError::Hash("argon2 worker stopped".into()))
+    }
+}
+
+thread_local! {
+    /// argon2's working memory (19 MiB with the default parameters), kept
+    /// per thread and reused, so that hashing never churns the allocator.
+    static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs argon2 over this thread's reusable memory.
+fn argon2_into(
+    argon: &Argon2<'_>,
+    params: &Params,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), AuthError> {
+    BLOCKS.with(|blocks| {
+        let mut blocks = blocks.borrow_mut();
+        let needed = params.block_count();
+        if blocks.len() < needed {
+            blocks.resize(needed, argon2::Block::default());
+        }
+        argon
+            .hash_password_into_with_memory(password, salt, out, &mut blocks[..needed])
+            .map_err(|e| AuthError::Hash(e.to_string()))
+    })
+}
+
+fn hash_error(e: impl std::fmt::Display) -> AuthError {
+    AuthError::Hash(e.to_string())
+}
+
 /// argon2id with the crate's default parameters (19 MiB, 2 passes), as a
 /// PHC string. Blocking: call off the event loop.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| AuthError::Hash(e.to_string()))
+    let params = Params::default();
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let mut salt_bytes = [0u8; 64];
+    let salt_raw = salt
+        .as_salt()
+        .decode_b64(&mut salt_bytes)
+        .map_err(hash_error)?;
+    let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    argon2_into(&argon, &params, password.as_bytes(), salt_raw, &mut out)?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(hash_error)?,
+        salt: Some(salt.as_salt()),
+        hash: Some(Output::new(&out).map_err(hash_error)?),
+    };
+    Ok(phc.to_string())
 }
 
-/// Checks a password against a PHC string. Blocking.
+/// Checks a password against a PHC string (any argon2 variant and
+/// parameters it names). Blocking.
 pub fn verify_password(phc: &str, password: &str) -> Result<bool, AuthError> {
-    let parsed = PasswordHash::new(phc).map_err(|e| AuthError::Hash(e.to_string()))?;
-    Ok(Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok())
+    let parsed = PasswordHash::new(phc).map_err(hash_error)?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(hash_error)?;
+    let version = parsed
+        .version
+        .map(Version::try_from)
+        .transpose()
+        .map_err(hash_error)?
+        .unwrap_or_default();
+    let params = Params::try_from(&parsed).map_err(hash_error)?;
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(AuthError::Hash("PHC string lacks salt or hash".into()));
+    };
+    let mut salt_bytes = [0u8; 64];
+    let salt_raw = salt.decode_b64(&mut salt_bytes).map_err(hash_error)?;
+    let argon = Argon2::new(algorithm, version, params.clone());
+    let mut out = vec![0u8; expected.len()];
+    argon2_into(&argon, &params, password.as_bytes(), salt_raw, &mut out)?;
+    // Output's equality is constant-time.
+    Ok(Output::new(&out).map_err(hash_error)? == expected)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{SledStore, UserRecord};
+
+    #[test]
+    fn phc_strings_interoperate_with_the_argon2_crate() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let ours = hash_password("pässword").unwrap();
+        assert!(
+            ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{ours}"
+        );
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password("pässword".as_bytes(), &parsed)
+            .is_ok());
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = Argon2::default()
+            .hash_password(b"other", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_password(&theirs, "other").unwrap());
+        assert!(!verify_password(&theirs, "Other").unwrap());
+        assert!(verify_password("not a phc string", "x").is_err());
+    }
 
     #[tokio::test]
     async fn verifies_caches_and_forgets() {

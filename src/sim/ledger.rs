@@ -1,0 +1,456 @@
+//! The simulator's books: every message by id (who sent it to whom, when it
+//! was acknowledged, announced and received, and whether its bytes came
+//! back intact), latency histograms, per-second series, and the presence
+//! each simulated user believes in. At the end it says what was lost,
+//! duplicated, corrupted or missed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// What is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// TCP connect + TLS handshake of a session stream.
+    TlsConnect,
+    /// Login sent → every `AddUser` and the user's own status received.
+    LoginToSnapshot,
+    /// Send scheduled → `done` (from the scheduled time, so queueing in the
+    /// simulator counts: corrected for coordinated omission).
+    SendToDone,
+    /// Sender's `done` → `MessageAvailable` at a recipient that was online
+    /// (0 when the notice came first, as the protocol allows).
+    DoneToAvailable,
+    /// Receive stream opened → message read and `done` acknowledged.
+    Receive,
+    /// Send scheduled → recipient has received and acknowledged.
+    EndToEnd,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [
+        Metric::TlsConnect,
+        Metric::LoginToSnapshot,
+        Metric::SendToDone,
+        Metric::DoneToAvailable,
+        Metric::Receive,
+        Metric::EndToEnd,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::TlsConnect => "TLS connect",
+            Metric::LoginToSnapshot => "login to snapshot",
+            Metric::SendToDone => "send to done",
+            Metric::DoneToAvailable => "done to available",
+            Metric::Receive => "receive",
+            Metric::EndToEnd => "end to end",
+        }
+    }
+}
+
+/// Counted events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Count {
+    SignOns,
+    SignOnFailures,
+    Sent,
+    SendErrors,
+    Received,
+    ReceiveErrors,
+    StatusPackets,
+    IdleToggles,
+    Disconnects,
+}
+
+struct Sent {
+    sender: String,
+    recipients: Vec<String>,
+    scheduled: Instant,
+    done: Option<Instant>,
+    digest: u64,
+    /// Recipients online when the send was scheduled.
+    online_at_send: Vec<bool>,
+    received_by: Vec<String>,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Second {
+    pub done: u64,
+    pub received: u64,
+    pub sign_ons: u64,
+    pub status_packets: u64,
+    pub end_to_end_p50_ms: f64,
+    pub end_to_end_p99_ms: f64,
+    #[serde(skip)]
+    hist: Option<Histogram<u64>>,
+}
+
+/// Failures of correctness; the run fails unless all are zero.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Verdict {
+    /// Acknowledged with `done` but never received by a recipient.
+    pub lost: u64,
+    /// Received more than once by one recipient.
+    pub duplicated: u64,
+    /// Received with other bytes or another sender than were sent.
+    pub corrupted: u64,
+    /// A user's final view of another user's presence differs from the truth,
+    /// or a sign-on snapshot lacked users.
+    pub missed_presence: u64,
+}
+
+impl Verdict {
+    pub fn clean(&self) -> bool {
+        *self == Verdict::default()
+    }
+}
+
+#[derive(Default)]
+struct Books {
+    sent: HashMap<String, Sent>,
+    hists: HashMap<Metric, Histogram<u64>>,
+    counts: HashMap<Count, u64>,
+    series: Vec<Second>,
+    duplicated: u64,
+    corrupted: u64,
+    missed_presence: u64,
+    /// user → (signed on, idle) as the user itself set it.
+    truth: HashMap<String, (bool, bool)>,
+    /// observer → (user → shown idle); absent means offline.
+    views: HashMap<String, HashMap<String, bool>>,
+    last_event: Option<Instant>,
+}
+
+/// Shared by every simulated user; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    books: Arc<Mutex<Books>>,
+    start: Instant,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger::new()
+    }
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger {
+            books: Arc::new(Mutex::new(Books::default())),
+            start: Instant::now(),
+        }
+    }
+
+    fn books(&self) -> MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn second(&self, books: &mut Books, at: Instant) -> usize {
+        let index = at.saturating_duration_since(self.start).as_secs() as usize;
+        if books.series.len() <= index {
+            books.series.resize(index + 1, Second::default());
+        }
+        index
+    }
+
+    pub fn record(&self, metric: Metric, took: Duration) {
+        let micros = (took.as_micros() as u64).max(1);
+        let mut books = self.books();
+        let _ = books
+            .hists
+            .entry(metric)
+            .or_insert_with(histogram)
+            .record(micros);
+    }
+
+    pub fn count(&self, count: Count) {
+        let now = Instant::now();
+        let mut books = self.books();
+        *books.counts.entry(count).or_default() += 1;
+        let index = self.second(&mut books, now);
+        match count {
+            Count::SignOns => books.series[index].sign_ons += 1,
+            Count::StatusPackets => books.series[index].status_packets += 1,
+            _ => {}
+        }
+        books.last_event = Some(now);
+    }
+
+    pub fn get(&self, count: Count) -> u64 {
+        self.books().counts.get(&count).copied().unwrap_or(0)
+    }
+
+    /// A user signed on (or off), as the user knows it.
+    pub fn set_truth(&self, user: &str, online: bool, idle: bool) {
+        self.books().truth.insert(user.to_owned(), (online, idle));
+    }
+
+    /// What `observer` was last told about `user`; `None` = offline.
+    pub fn set_view(&self, observer: &str, user: &str, idle: Option<bool>) {
+        let mut books = self.books();
+        let view = books.views.entry(observer.to_owned()).or_default();
+        match idle {
+            Some(idle) => view.insert(user.to_owned(), idle),
+            None => view.remove(user),
+        };
+        books.last_event = Some(Instant::now());
+    }
+
+    /// Forgets a user's view when it signs off.
+    pub fn clear_view(&self, observer: &str) {
+        self.books().views.remove(observer);
+    }
+
+    /// A sign-on snapshot that did not list every user.
+    pub fn missed_presence(&self, n: u64) {
+        self.books().missed_presence += n;
+    }
+
+    /// A send is scheduled.
+    pub fn scheduled(
+        &self,
+        id: &str,
+        sender: &str,
+        recipients: &[String],
+        digest: u64,
+        at: Instant,
+    ) {
+        let mut books = self.books();
+        let online_at_send = recipients
+            .iter()
+            .map(|r| books.truth.get(r).is_some_and(|t| t.0))
+            .collect();
+        books.sent.insert(
+            id.to_owned(),
+            Sent {
+                sender: sender.to_owned(),
+                recipients: recipients.to_vec(),
+                scheduled: at,
+                done: None,
+                digest,
+                online_at_send,
+                received_by: Vec::new(),
+            },
+        );
+    }
+
+    /// The sender got `done`.
+    pub fn done(&self, id: &str) {
+        let now = Instant::now();
+        let mut books = self.books();
+        let index = self.second(&mut books, now);
+        books.series[index].done += 1;
+        *books.counts.entry(Count::Sent).or_default() += 1;
+        books.last_event = Some(now);
+        let Some(sent) = books.sent.get_mut(id) else {
+            return;
+        };
+        sent.done = Some(now);
+        let took = now.saturating_duration_since(sent.scheduled);
+        drop(books);
+        self.record(Metric::SendToDone, took);
+    }
+
+    /// A recipient heard `MessageAvailable`.
+    pub fn available(&self, id: &str, recipient: &str) {
+        let now = Instant::now();
+        let books = self.books();
+        let Some(sent) = books.sent.get(id) else {
+            return;
+        };
+        let online = sent
+            .recipients
+            .iter()
+            .position(|r| r == recipient)
+            .is_some_and(|i| sent.online_at_send[i]);
+        let took = sent.done.map(|done| now.saturating_duration_since(done));
+        drop(books);
+        if online {
+            self.record(Metric::DoneToAvailable, took.unwrap_or(Duration::ZERO));
+        }
+    }
+
+    /// A recipient received a message; checks it against what was sent.
+    pub fn received(&self, id: &str, recipient: &str, sender: &str, digest: u64) {
+        let now = Instant::now();
+        let mut books = self.books();
+        let index = self.second(&mut books, now);
+        books.series[index].received += 1;
+        *books.counts.entry(Count::Received).or_default() += 1;
+        books.last_event = Some(now);
+        let (corrupted, duplicated, took) = match books.sent.get_mut(id) {
+            None => (true, false, None),
+            Some(sent) => {
+                let corrupted = sent.sender != sender || sent.digest != digest;
+                let duplicated = sent.received_by.iter().any(|r| r == recipient);
+                sent.received_by.push(recipient.to_owned());
+                (
+                    corrupted,
+                    duplicated,
+                    Some(now.saturating_duration_since(sent.scheduled)),
+                )
+            }
+        };
+        books.corrupted += u64::from(corrupted);
+        books.duplicated += u64::from(duplicated);
+        if let Some(took) = took {
+            let micros = (took.as_micros() as u64).max(1);
+            let second = &mut books.series[index];
+            let _ = second.hist.get_or_insert_with(histogram).record(micros);
+            drop(books);
+            self.record(Metric::EndToEnd, took);
+        }
+    }
+
+    /// Messages acknowledged to their sender and not yet received by every
+    /// recipient.
+    pub fn outstanding(&self) -> usize {
+        self.books()
+            .sent
+            .values()
+            .filter(|s| s.done.is_some() && s.received_by.len() < s.recipients.len())
+            .count()
+    }
+
+    /// Time since the last event of any kind.
+    pub fn quiet_for(&self) -> Duration {
+        self.books()
+            .last_event
+            .map_or(Duration::MAX, |at| at.elapsed())
+    }
+
+    /// The final checks.
+    pub fn verdict(&self) -> Verdict {
+        let books = self.books();
+        let lost = books
+            .sent
+            .values()
+            .filter(|s| s.done.is_some())
+            .map(|s| {
+                s.recipients
+                    .iter()
+                    .filter(|r| !s.received_by.contains(r))
+                    .count() as u64
+            })
+            .sum();
+        let mut missed = books.missed_presence;
+        for (observer, view) in &books.views {
+            if !books.truth.get(observer).is_some_and(|t| t.0) {
+                continue;
+            }
+            for (user, (online, idle)) in &books.truth {
+                if user == observer {
+                    continue;
+                }
+                let shown = view.get(user).copied();
+                let truth = online.then_some(*idle);
+                if shown != truth {
+                    missed += 1;
+                }
+            }
+        }
+        Verdict {
+            lost,
+            duplicated: books.duplicated,
+            corrupted: books.corrupted,
+            missed_presence: missed,
+        }
+    }
+
+    /// Latency percentiles (ms) of one metric.
+    pub fn percentiles(&self, metric: Metric) -> Option<Percentiles> {
+        let books = self.books();
+        let h = books.hists.get(&metric)?;
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Some(Percentiles {
+            count: h.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        })
+    }
+
+    /// The per-second series, with end-to-end percentiles filled in.
+    pub fn series(&self) -> Vec<Second> {
+        let books = self.books();
+        books
+            .series
+            .iter()
+            .map(|s| {
+                let mut out = s.clone();
+                if let Some(h) = &s.hist {
+                    out.end_to_end_p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
+                    out.end_to_end_p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
+                }
+                out.hist = None;
+                out
+            })
+            .collect()
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Latency summary in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_duplicated_and_corrupted_are_counted() {
+        let ledger = Ledger::new();
+        let now = Instant::now();
+        let to = vec!["b".to_string(), "c".to_string()];
+        ledger.scheduled("m1", "a", &to, 7, now);
+        ledger.done("m1");
+        ledger.received("m1", "b", "a", 7);
+        ledger.received("m1", "b", "a", 7);
+        ledger.scheduled("m2", "a", &to[..1], 9, now);
+        ledger.done("m2");
+        ledger.received("m2", "b", "a", 8);
+        let verdict = ledger.verdict();
+        assert_eq!(verdict.lost, 1, "c never got m1");
+        assert_eq!(verdict.duplicated, 1);
+        assert_eq!(verdict.corrupted, 1);
+    }
+
+    #[test]
+    fn presence_views_are_checked_against_the_truth() {
+        let ledger = Ledger::new();
+        ledger.set_truth("a", true, false);
+        ledger.set_truth("b", true, true);
+        ledger.set_view("a", "b", Some(true));
+        ledger.set_view("b", "a", Some(true));
+        assert_eq!(
+            ledger.verdict().missed_presence,
+            1,
+            "b wrongly thinks a is idle"
+        );
+    }
+}

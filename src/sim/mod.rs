@@ -1,0 +1,619 @@
+//! `csm sim`: the actor-driven load simulator. Each simulated user is an
+//! actor that behaves like a real client, over the project's own protocol
+//! code; a driver signs users on at a set rate, sends messages and toggles
+//! idle state at set rates, signs the offline fraction on half-way, then
+//! drains and checks the ledger: every acknowledged message received once
+//! and intact, every user's view of presence true.
+
+pub mod baseline;
+pub mod content;
+pub mod ledger;
+pub mod report;
+pub mod target;
+pub mod user;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Arbiter};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::client::Connector;
+use content::ContentSpec;
+use ledger::{Count, Ledger, Metric};
+use report::{Hold, Machine, Report, ServerUsage};
+use target::{process_usage, Spawned};
+use user::{password_for, SendOne, SignOff, SimUser, ToggleIdle, World};
+
+/// A scenario; every field has a default, and a TOML file or flags set them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Simulated users.
+    pub users: usize,
+    /// Sign-ons started per second.
+    pub ramp: f64,
+    /// Seconds of steady load after the sign-on wave.
+    pub duration_secs: f64,
+    /// Messages sent per second, all users together (fixed rate).
+    pub rate: f64,
+    /// Recipients per message.
+    pub recipients: usize,
+    /// Idle/back toggles per second, all users together.
+    pub idle_rate: f64,
+    /// Fraction of users offline at the start; they sign on half-way.
+    pub offline_fraction: f64,
+    pub content: ContentSpec,
+    /// Sign everyone off and on again, and measure the second wave
+    /// (credentials already verified: the reconnect storm).
+    pub reconnect: bool,
+    /// Only sign on and hold the sessions, to measure memory per session.
+    pub hold: bool,
+    /// Message streams in flight at once.
+    pub max_streams: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.1…).
+    pub source_ips: usize,
+    /// Name prefix of the simulated users.
+    pub prefix: String,
+    /// Longest wait for outstanding messages at the end, in seconds.
+    pub drain_secs: f64,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            users: 50,
+            ramp: 200.0,
+            duration_secs: 10.0,
+            rate: 100.0,
+            recipients: 1,
+            idle_rate: 5.0,
+            offline_fraction: 0.1,
+            content: ContentSpec::default(),
+            reconnect: false,
+            hold: false,
+            max_streams: 256,
+            source_ips: 16,
+            prefix: "sim".into(),
+            drain_secs: 30.0,
+        }
+    }
+}
+
+/// `csm sim` options; each overrides the scenario file.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// TOML scenario file (the fields of `Scenario`).
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+    #[arg(long)]
+    pub users: Option<usize>,
+    /// Sign-ons per second.
+    #[arg(long)]
+    pub ramp: Option<f64>,
+    /// Seconds of steady load.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Messages per second, all users together.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Recipients per message.
+    #[arg(long)]
+    pub recipients: Option<usize>,
+    /// Idle/back toggles per second.
+    #[arg(long)]
+    pub idle_rate: Option<f64>,
+    /// Fraction of users offline at the start (0 to 1).
+    #[arg(long)]
+    pub offline_fraction: Option<f64>,
+    #[arg(long)]
+    pub text_bytes: Option<usize>,
+    #[arg(long)]
+    pub attachments: Option<usize>,
+    #[arg(long)]
+    pub attachment_bytes: Option<usize>,
+    /// Measure a second sign-on wave with credentials already verified.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Only hold the sessions open and measure server memory per session.
+    #[arg(long)]
+    pub hold: bool,
+    #[arg(long)]
+    pub max_streams: Option<usize>,
+    #[arg(long)]
+    pub source_ips: Option<usize>,
+    /// Start a server on a temporary data directory for this run.
+    #[arg(long)]
+    pub spawn: bool,
+    /// An external server's session address.
+    #[arg(long)]
+    pub session_addr: Option<SocketAddr>,
+    /// An external server's message address.
+    #[arg(long)]
+    pub message_addr: Option<SocketAddr>,
+    /// The external server's data directory: its certificate is pinned and
+    /// users are created through its admin socket.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Pin this PEM certificate instead (users must exist).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The server's process id, to report its CPU and memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Measure this machine's TLS and argon2 ceilings first.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Seconds per baseline measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub baseline_secs: f64,
+    /// Write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the report as one HTML page with plots.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+}
+
+impl SimArgs {
+    fn scenario(&self) -> Result<Scenario> {
+        let mut s = match &self.scenario {
+            Some(path) => toml::from_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("in {}", path.display()))?,
+            None => Scenario::default(),
+        };
+        macro_rules! set {
+            ($($field:ident).+ = $value:expr) => {
+                if let Some(v) = $value {
+                    s.$($field).+ = v;
+                }
+            };
+        }
+        set!(users = self.users);
+        set!(ramp = self.ramp);
+        set!(duration_secs = self.duration);
+        set!(rate = self.rate);
+        set!(recipients = self.recipients);
+        set!(idle_rate = self.idle_rate);
+        set!(offline_fraction = self.offline_fraction);
+        set!(content.text_bytes = self.text_bytes);
+        set!(content.attachments = self.attachments);
+        set!(content.attachment_bytes = self.attachment_bytes);
+        set!(max_streams = self.max_streams);
+        set!(source_ips = self.source_ips);
+        s.reconnect |= self.reconnect;
+        s.hold |= self.hold;
+        if s.users < 2 && !s.hold {
+            bail!("a scenario needs at least 2 users");
+        }
+        if s.recipients == 0 || s.recipients >= s.users.max(2) {
+            bail!("recipients per message must be between 1 and users - 1");
+        }
+        if !(0.0..1.0).contains(&s.offline_fraction) || s.ramp <= 0.0 {
+            bail!("offline fraction must be in [0, 1) and ramp above 0");
+        }
+        Ok(s)
+    }
+}
+
+/// The server a scenario runs against.
+pub struct TargetInfo {
+    pub connector: Connector,
+    pub session_addr: SocketAddr,
+    pub message_addr: SocketAddr,
+    pub server_pid: Option<u32>,
+}
+
+/// The simulated users' names and passwords.
+pub fn user_credentials(scenario: &Scenario) -> Vec<(String, String)> {
+    (0..scenario.users)
+        .map(|i| {
+            let name = format!("{}{i:05}", scenario.prefix);
+            let password = password_for(&scenario.prefix, &name);
+            (name, password)
+        })
+        .collect()
+}
+
+/// `csm sim`.
+pub fn run(args: SimArgs) -> ExitCode {
+    match run_cli(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("csm sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_cli(args: SimArgs) -> Result<bool> {
+    let scenario = args.scenario()?;
+    let fd_limit = target::raise_fd_limit();
+    if (scenario.users as u64) * 2 + 64 > fd_limit {
+        log::warn!(
+            "{} users need about {} open files but the limit is {fd_limit}",
+            scenario.users,
+            scenario.users * 2
+        );
+    }
+    let baseline = if args.baseline {
+        eprintln!("measuring the baseline ({} s each)…", args.baseline_secs);
+        Some(baseline::measure(
+            Duration::from_secs_f64(args.baseline_secs),
+            32,
+        )?)
+    } else {
+        None
+    };
+    let credentials = user_credentials(&scenario);
+    let spawned;
+    let target = if args.spawn {
+        eprintln!(
+            "creating {} users and starting a server…",
+            credentials.len()
+        );
+        spawned = Spawned::start(&credentials, &[])?;
+        TargetInfo {
+            connector: Connector::for_data_dir(&spawned.data_dir)?,
+            session_addr: spawned.session_addr,
+            message_addr: spawned.message_addr,
+            server_pid: Some(spawned.pid()),
+        }
+    } else {
+        let (Some(session_addr), Some(message_addr)) = (args.session_addr, args.message_addr)
+        else {
+            bail!("give --spawn, or --session-addr and --message-addr of a running server");
+        };
+        let connector = match (&args.cert, &args.data_dir) {
+            (Some(cert), _) => Connector::new(crate::tls::pinned_client_config_from_pem(cert)?),
+            (None, Some(dir)) => Connector::for_data_dir(dir)?,
+            (None, None) => bail!("give --data-dir or --cert to trust the server"),
+        };
+        if let Some(dir) = &args.data_dir {
+            eprintln!(
+                "creating {} users through the admin socket…",
+                credentials.len()
+            );
+            target::add_users_live(dir, &credentials)?;
+        }
+        TargetInfo {
+            connector,
+            session_addr,
+            message_addr,
+            server_pid: args.server_pid,
+        }
+    };
+    let system = actix::System::new();
+    let mut report = system.block_on(run_scenario(&scenario, &target, true))?;
+    report.baseline = baseline;
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report.html())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report.verdict.clean())
+}
+
+struct Driver {
+    scenario: Scenario,
+    world: Arc<World>,
+    arbiters: Vec<Arbiter>,
+    credentials: Vec<(String, String)>,
+    online: Vec<(usize, Addr<SimUser>)>,
+}
+
+impl Driver {
+    fn start_user(&mut self, index: usize) {
+        let (name, password) = self.credentials[index].clone();
+        let world = self.world.clone();
+        let arbiter = &self.arbiters[index % self.arbiters.len()];
+        let addr = SimUser::start_in_arbiter(&arbiter.handle(), move |_| {
+            SimUser::new(name, password, index, world)
+        });
+        self.online.push((index, addr));
+    }
+
+    /// Starts `indices` at the ramp rate; waits until each has its snapshot.
+    /// Returns (sign-ons per second, seconds to presence convergence).
+    async fn wave(
+        &mut self,
+        indices: Vec<usize>,
+        check_presence: bool,
+    ) -> Result<(f64, Option<f64>)> {
+        let ledger = self.world.ledger.clone();
+        let before = ledger.get(Count::SignOns) + ledger.get(Count::SignOnFailures);
+        let started = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / self.scenario.ramp);
+        let count = indices.len() as u64;
+        for (n, index) in indices.into_iter().enumerate() {
+            let due = started + interval.mul_f64(n as f64);
+            tokio::time::sleep_until(due.into()).await;
+            self.start_user(index);
+        }
+        let limit = Duration::from_secs(60) + interval.mul_f64(count as f64);
+        while ledger.get(Count::SignOns) + ledger.get(Count::SignOnFailures) < before + count {
+            if started.elapsed() > limit {
+                bail!("sign-ons did not complete within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let rate = count as f64 / started.elapsed().as_secs_f64();
+        let convergence = if check_presence {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if ledger.verdict().missed_presence == 0 {
+                    break Some(started.elapsed().as_secs_f64());
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } else {
+            None
+        };
+        Ok((rate, convergence))
+    }
+
+    fn sign_off_all(&mut self) {
+        for (_, addr) in self.online.drain(..) {
+            addr.do_send(SignOff);
+        }
+    }
+}
+
+/// Runs one scenario against a server and returns its report.
+pub async fn run_scenario(
+    scenario: &Scenario,
+    target: &TargetInfo,
+    progress: bool,
+) -> Result<Report> {
+    let ledger = Ledger::new();
+    let sources = if target.session_addr.ip().is_loopback() && target.session_addr.is_ipv4() {
+        (0..scenario.source_ips.min(250))
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let world = Arc::new(World {
+        connector: target.connector.clone(),
+        session_addr: target.session_addr,
+        message_addr: target.message_addr,
+        ledger: ledger.clone(),
+        users: scenario.users,
+        content: scenario.content,
+        streams: Arc::new(Semaphore::new(scenario.max_streams.max(1))),
+        sources,
+    });
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut driver = Driver {
+        scenario: scenario.clone(),
+        world,
+        arbiters: (0..threads).map(|_| Arbiter::new()).collect(),
+        credentials: user_credentials(scenario),
+        online: Vec::new(),
+    };
+    let bar = progress_bar(progress, &ledger);
+    let started_unix = csm_actors::store::unix_now();
+    let usage_before = target.server_pid.and_then(process_usage);
+    let offline = ((scenario.users as f64) * scenario.offline_fraction).round() as usize;
+    let first: Vec<usize> = (0..scenario.users - offline).collect();
+    let later: Vec<usize> = (scenario.users - offline..scenario.users).collect();
+
+    let check_presence = !scenario.hold;
+    let (mut sign_on_rate, mut convergence) = driver.wave(first.clone(), check_presence).await?;
+    let mut hold = None;
+    if scenario.reconnect {
+        driver.sign_off_all();
+        let quiet = Instant::now();
+        while ledger.quiet_for() < Duration::from_millis(500)
+            && quiet.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (sign_on_rate, convergence) = driver.wave(first, check_presence).await?;
+    }
+    if scenario.hold {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = target.server_pid.and_then(process_usage);
+        if let (Some(before), Some(after)) = (usage_before, after) {
+            let sessions = driver.online.len() as u64;
+            hold = Some(Hold {
+                sessions,
+                rss_kib_before: before.rss_kib,
+                rss_kib_after: after.rss_kib,
+                kib_per_session: (after.rss_kib.saturating_sub(before.rss_kib)) as f64
+                    / sessions.max(1) as f64,
+            });
+        }
+    } else {
+        steady(&mut driver, later).await?;
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(scenario.drain_secs);
+    while Instant::now() < drain_deadline
+        && (ledger.outstanding() > 0 || ledger.quiet_for() < Duration::from_millis(500))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verdict = if scenario.hold {
+        Default::default()
+    } else {
+        ledger.verdict()
+    };
+    let usage_after = target.server_pid.and_then(process_usage);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let seconds = ledger.elapsed().as_secs_f64();
+    let steady_secs = scenario.duration_secs.max(0.001);
+    let mut latency_ms = BTreeMap::new();
+    for metric in Metric::ALL {
+        if let Some(p) = ledger.percentiles(metric) {
+            latency_ms.insert(metric, p);
+        }
+    }
+    let counts = [
+        Count::SignOns,
+        Count::SignOnFailures,
+        Count::Sent,
+        Count::SendErrors,
+        Count::Received,
+        Count::ReceiveErrors,
+        Count::StatusPackets,
+        Count::IdleToggles,
+        Count::Disconnects,
+    ]
+    .into_iter()
+    .map(|c| (c, ledger.get(c)))
+    .collect();
+    let report = Report {
+        scenario: scenario.clone(),
+        machine: Machine::here(),
+        started_unix,
+        seconds,
+        sign_ons_per_sec: sign_on_rate,
+        presence_convergence_secs: convergence,
+        messages_per_sec: ledger.get(Count::Sent) as f64 / steady_secs,
+        receives_per_sec: ledger.get(Count::Received) as f64 / steady_secs,
+        status_packets_per_sec: ledger.get(Count::StatusPackets) as f64 / seconds.max(0.001),
+        latency_ms,
+        counts,
+        verdict,
+        server: usage_before
+            .zip(usage_after)
+            .map(|(b, a)| ServerUsage::between(b, a)),
+        baseline: None,
+        hold,
+        series: ledger.series(),
+    };
+    driver.sign_off_all();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for arbiter in &driver.arbiters {
+        arbiter.stop();
+    }
+    Ok(report)
+}
+
+/// The steady phase: messages and idle toggles at fixed rates; the offline
+/// users sign on half-way.
+async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
+    let scenario = driver.scenario.clone();
+    let ledger = driver.world.ledger.clone();
+    let names: Vec<String> = driver.credentials.iter().map(|(n, _)| n.clone()).collect();
+    let nonce = format!(
+        "{:x}{:x}",
+        csm_actors::store::unix_now(),
+        std::process::id()
+    );
+    let start = Instant::now();
+    let duration = Duration::from_secs_f64(scenario.duration_secs);
+    let mut later = Some(later);
+    let (mut sent, mut toggled) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while start.elapsed() < duration {
+        tick.tick().await;
+        let elapsed = start.elapsed().min(duration);
+        if elapsed >= duration / 2 {
+            if let Some(later) = later.take() {
+                if !later.is_empty() {
+                    // Not awaited to the end: the wave runs beside the load.
+                    for index in later {
+                        driver.start_user(index);
+                    }
+                }
+            }
+        }
+        if driver.online.is_empty() {
+            continue;
+        }
+        let due_msgs = (scenario.rate * elapsed.as_secs_f64()) as u64;
+        let mut rng = rand::thread_rng();
+        while sent < due_msgs {
+            // The time this send should have started: latency counts from it.
+            let scheduled = start + Duration::from_secs_f64(sent as f64 / scenario.rate);
+            let (sender_index, sender) =
+                driver.online[rng.gen_range(0..driver.online.len())].clone();
+            let mut others: Vec<&String> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != sender_index)
+                .map(|(_, n)| n)
+                .collect();
+            others.shuffle(&mut rng);
+            let recipients = others
+                .into_iter()
+                .take(scenario.recipients)
+                .cloned()
+                .collect();
+            sender.do_send(SendOne {
+                id: format!("{}-{nonce}-{sent}", scenario.prefix),
+                recipients,
+                scheduled,
+            });
+            sent += 1;
+        }
+        let due_toggles = (scenario.idle_rate * elapsed.as_secs_f64()) as u64;
+        while toggled < due_toggles {
+            let (_, user) = &driver.online[rng.gen_range(0..driver.online.len())];
+            user.do_send(ToggleIdle);
+            toggled += 1;
+        }
+    }
+    let _ = ledger;
+    Ok(())
+}
+
+fn progress_bar(show: bool, ledger: &Ledger) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if bar.is_hidden() {
+        return None;
+    }
+    let ledger = ledger.clone();
+    let ticker = bar.clone();
+    actix::spawn(async move {
+        let mut last = (Instant::now(), 0u64);
+        while !ticker.is_finished() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let sent = ledger.get(Count::Sent);
+            let rate = (sent - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            last = (Instant::now(), sent);
+            let errors = ledger.get(Count::SendErrors)
+                + ledger.get(Count::ReceiveErrors)
+                + ledger.get(Count::SignOnFailures);
+            ticker.set_message(format!(
+                "{:>6.1}s  signed on {}  sent {} ({:.0}/s)  received {}  status {}  errors {}",
+                ledger.elapsed().as_secs_f64(),
+                ledger.get(Count::SignOns),
+                sent,
+                rate,
+                ledger.get(Count::Received),
+                ledger.get(Count::StatusPackets),
+                errors
+            ));
+            ticker.tick();
+        }
+    });
+    Some(bar)
+}
