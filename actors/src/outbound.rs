@@ -105,7 +105,6 @@ async fn run_writer<W: AsyncWrite + Unpin>(
     write_timeout: Duration,
     max_coalesce: usize,
 ) -> WriterEnd {
-    let mut buffer = Vec::new();
     let end = loop {
         let first = tokio::select! {
             biased;
@@ -118,16 +117,25 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         if shared.closing.load(Ordering::Acquire) {
             break WriterEnd::Closed;
         }
-        buffer.clear();
-        buffer.extend_from_slice(&first);
-        while buffer.len() < max_coalesce {
+        // Gather what else is queued into one write; the batch is dropped
+        // after it, so an idle session holds no buffer of its own.
+        let mut batch: Option<Vec<u8>> = None;
+        while batch.as_ref().map_or(first.len(), Vec::len) < max_coalesce {
             match frames.try_recv() {
-                Ok(more) => buffer.extend_from_slice(&more),
+                Ok(more) => batch
+                    .get_or_insert_with(|| {
+                        let mut joined =
+                            Vec::with_capacity(max_coalesce.min(first.len() * 8 + more.len()));
+                        joined.extend_from_slice(&first);
+                        joined
+                    })
+                    .extend_from_slice(&more),
                 Err(_) => break,
             }
         }
+        let bytes: &[u8] = batch.as_deref().unwrap_or(&first);
         let write = async {
-            writer.write_all(&buffer).await?;
+            writer.write_all(bytes).await?;
             writer.flush().await
         };
         let outcome = tokio::select! {
@@ -139,10 +147,6 @@ async fn run_writer<W: AsyncWrite + Unpin>(
             Ok(Ok(())) => {}
             Ok(Err(_)) => break WriterEnd::Io,
             Err(_) => break WriterEnd::WriteTimeout,
-        }
-        if buffer.capacity() > 4 * max_coalesce {
-            // A huge burst (a sign-on snapshot) should not pin its buffer.
-            buffer = Vec::new();
         }
     };
     let end = if shared.overflowed.load(Ordering::Acquire) {

@@ -62,6 +62,9 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
     match request {
         Request::UserAdd { name, password } => {
             check_new_user(&name, &password)?;
+            if store.get_user(&name).map_err(Failure::internal)?.is_some() {
+                return Err(Failure::refused(format!("user {name} already exists")));
+            }
             let hash = hash_password(&password).map_err(Failure::internal)?;
             let record = UserRecord {
                 password_hash: hash,

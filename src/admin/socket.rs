@@ -116,6 +116,15 @@ async fn execute(request: Request, services: &Services) -> Outcome {
     match request {
         Request::UserAdd { name, password } => {
             check_new_user(&name, &password)?;
+            // Refuse a taken name before paying for a hash.
+            if services
+                .store
+                .get_user(&name)
+                .map_err(Failure::internal)?
+                .is_some()
+            {
+                return Err(Failure::refused(format!("user {name} already exists")));
+            }
             let hash = services
                 .auth
                 .hash(&password)

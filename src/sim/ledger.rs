@@ -5,6 +5,7 @@
 //! duplicated, corrupted or missed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,8 @@ impl Metric {
 pub enum Count {
     SignOns,
     SignOnFailures,
+    /// Sign-ons answered "busy" and tried again.
+    LoginRetries,
     Sent,
     SendErrors,
     Received,
@@ -85,7 +88,6 @@ pub struct Second {
     pub done: u64,
     pub received: u64,
     pub sign_ons: u64,
-    pub status_packets: u64,
     pub end_to_end_p50_ms: f64,
     pub end_to_end_p99_ms: f64,
     #[serde(skip)]
@@ -123,15 +125,22 @@ struct Books {
     missed_presence: u64,
     /// user → (signed on, idle) as the user itself set it.
     truth: HashMap<String, (bool, bool)>,
-    /// observer → (user → shown idle); absent means offline.
-    views: HashMap<String, HashMap<String, bool>>,
+    /// observer → (user → shown idle); absent means offline. Each view is
+    /// written by its user's reader alone, so the hot path never takes the
+    /// ledger's lock.
+    views: HashMap<String, View>,
     last_event: Option<Instant>,
 }
+
+/// What one simulated user believes about the others' presence.
+pub type View = Arc<Mutex<HashMap<String, bool>>>;
 
 /// Shared by every simulated user; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
     books: Arc<Mutex<Books>>,
+    /// StatusChange packets received, counted without the lock.
+    status_packets: Arc<AtomicU64>,
     start: Instant,
 }
 
@@ -149,6 +158,7 @@ impl Ledger {
     pub fn new() -> Ledger {
         Ledger {
             books: Arc::new(Mutex::new(Books::default())),
+            status_packets: Arc::new(AtomicU64::new(0)),
             start: Instant::now(),
         }
     }
@@ -180,16 +190,22 @@ impl Ledger {
         let mut books = self.books();
         *books.counts.entry(count).or_default() += 1;
         let index = self.second(&mut books, now);
-        match count {
-            Count::SignOns => books.series[index].sign_ons += 1,
-            Count::StatusPackets => books.series[index].status_packets += 1,
-            _ => {}
+        if count == Count::SignOns {
+            books.series[index].sign_ons += 1;
         }
         books.last_event = Some(now);
     }
 
     pub fn get(&self, count: Count) -> u64 {
+        if count == Count::StatusPackets {
+            return self.status_packets.load(Ordering::Relaxed);
+        }
         self.books().counts.get(&count).copied().unwrap_or(0)
+    }
+
+    /// Counts StatusChange packets (the hot path: no lock).
+    pub fn status_packets(&self, n: u64) {
+        self.status_packets.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A user signed on (or off), as the user knows it.
@@ -197,15 +213,16 @@ impl Ledger {
         self.books().truth.insert(user.to_owned(), (online, idle));
     }
 
-    /// What `observer` was last told about `user`; `None` = offline.
-    pub fn set_view(&self, observer: &str, user: &str, idle: Option<bool>) {
-        let mut books = self.books();
-        let view = books.views.entry(observer.to_owned()).or_default();
-        match idle {
-            Some(idle) => view.insert(user.to_owned(), idle),
-            None => view.remove(user),
-        };
-        books.last_event = Some(Instant::now());
+    /// A fresh view for `observer`, which its reader fills in.
+    pub fn new_view(&self, observer: &str) -> View {
+        let view = View::default();
+        self.books().views.insert(observer.to_owned(), view.clone());
+        view
+    }
+
+    /// Something happened (for the quiet-period checks).
+    pub fn touch(&self) {
+        self.books().last_event = Some(Instant::now());
     }
 
     /// Forgets a user's view when it signs off.
@@ -350,6 +367,7 @@ impl Ledger {
             if !books.truth.get(observer).is_some_and(|t| t.0) {
                 continue;
             }
+            let view = view.lock().unwrap_or_else(|p| p.into_inner());
             for (user, (online, idle)) in &books.truth {
                 if user == observer {
                     continue;
@@ -445,8 +463,16 @@ mod tests {
         let ledger = Ledger::new();
         ledger.set_truth("a", true, false);
         ledger.set_truth("b", true, true);
-        ledger.set_view("a", "b", Some(true));
-        ledger.set_view("b", "a", Some(true));
+        ledger
+            .new_view("a")
+            .lock()
+            .unwrap()
+            .insert("b".into(), true);
+        ledger
+            .new_view("b")
+            .lock()
+            .unwrap()
+            .insert("a".into(), true);
         assert_eq!(
             ledger.verdict().missed_presence,
             1,

@@ -56,6 +56,8 @@ pub struct Scenario {
     /// Sign everyone off and on again, and measure the second wave
     /// (credentials already verified: the reconnect storm).
     pub reconnect: bool,
+    /// Sign-ons started per second in the reconnect wave.
+    pub reconnect_ramp: f64,
     /// Only sign on and hold the sessions, to measure memory per session.
     pub hold: bool,
     /// Message streams in flight at once.
@@ -80,6 +82,7 @@ impl Default for Scenario {
             offline_fraction: 0.1,
             content: ContentSpec::default(),
             reconnect: false,
+            reconnect_ramp: 5000.0,
             hold: false,
             max_streams: 256,
             source_ips: 16,
@@ -124,6 +127,9 @@ pub struct SimArgs {
     /// Measure a second sign-on wave with credentials already verified.
     #[arg(long)]
     pub reconnect: bool,
+    /// Sign-ons per second in the reconnect wave.
+    #[arg(long)]
+    pub reconnect_ramp: Option<f64>,
     /// Only hold the sessions open and measure server memory per session.
     #[arg(long)]
     pub hold: bool,
@@ -183,6 +189,7 @@ impl SimArgs {
         }
         set!(users = self.users);
         set!(ramp = self.ramp);
+        set!(reconnect_ramp = self.reconnect_ramp);
         set!(duration_secs = self.duration);
         set!(rate = self.rate);
         set!(recipients = self.recipients);
@@ -335,19 +342,24 @@ impl Driver {
     async fn wave(
         &mut self,
         indices: Vec<usize>,
+        ramp: f64,
         check_presence: bool,
     ) -> Result<(f64, Option<f64>)> {
         let ledger = self.world.ledger.clone();
         let before = ledger.get(Count::SignOns) + ledger.get(Count::SignOnFailures);
         let started = Instant::now();
-        let interval = Duration::from_secs_f64(1.0 / self.scenario.ramp);
+        let interval = Duration::from_secs_f64(1.0 / ramp);
         let count = indices.len() as u64;
         for (n, index) in indices.into_iter().enumerate() {
             let due = started + interval.mul_f64(n as f64);
             tokio::time::sleep_until(due.into()).await;
             self.start_user(index);
         }
-        let limit = Duration::from_secs(60) + interval.mul_f64(count as f64);
+        // Cold sign-ons run at the argon2 rate whatever the ramp: allow for
+        // a slow machine (20 per second) before calling the wave stuck.
+        let limit = Duration::from_secs(60)
+            + interval.mul_f64(count as f64)
+            + Duration::from_millis(50 * count);
         while ledger.get(Count::SignOns) + ledger.get(Count::SignOnFailures) < before + count {
             if started.elapsed() > limit {
                 bail!("sign-ons did not complete within {limit:?}");
@@ -419,7 +431,9 @@ pub async fn run_scenario(
     let later: Vec<usize> = (scenario.users - offline..scenario.users).collect();
 
     let check_presence = !scenario.hold;
-    let (mut sign_on_rate, mut convergence) = driver.wave(first.clone(), check_presence).await?;
+    let (mut sign_on_rate, mut convergence) = driver
+        .wave(first.clone(), scenario.ramp, check_presence)
+        .await?;
     let mut hold = None;
     if scenario.reconnect {
         driver.sign_off_all();
@@ -429,10 +443,18 @@ pub async fn run_scenario(
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        (sign_on_rate, convergence) = driver.wave(first, check_presence).await?;
+        (sign_on_rate, convergence) = driver
+            .wave(first, scenario.reconnect_ramp, check_presence)
+            .await?;
     }
     if scenario.hold {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Measure once the sign-on traffic has settled.
+        let settle = Instant::now();
+        while ledger.quiet_for() < Duration::from_secs(2)
+            && settle.elapsed() < Duration::from_secs(300)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let after = target.server_pid.and_then(process_usage);
         if let (Some(before), Some(after)) = (usage_before, after) {
             let sessions = driver.online.len() as u64;
@@ -473,6 +495,7 @@ pub async fn run_scenario(
     let counts = [
         Count::SignOns,
         Count::SignOnFailures,
+        Count::LoginRetries,
         Count::Sent,
         Count::SendErrors,
         Count::Received,

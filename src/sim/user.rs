@@ -14,8 +14,10 @@ use csm_actors::proto::{Packet, Status};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::content::{self, ContentSpec};
-use super::ledger::{Count, Ledger, Metric};
-use crate::client::{fetch_message, send_message, ClientError, Connector, Outgoing, SessionClient};
+use super::ledger::{Count, Ledger, Metric, View};
+use crate::client::{
+    fetch_message, send_message, ClientError, Connector, Outgoing, SessionClient, SessionReader,
+};
 
 /// What every simulated user shares.
 pub struct World {
@@ -44,9 +46,6 @@ pub struct SimUser {
     world: Arc<World>,
     out: Option<mpsc::Sender<Packet>>,
     idle: bool,
-    users_seen: usize,
-    own_status_seen: bool,
-    login_started: Option<Instant>,
     receiving: HashSet<String>,
 }
 
@@ -59,9 +58,6 @@ impl SimUser {
             world,
             out: None,
             idle: false,
-            users_seen: 0,
-            own_status_seen: false,
-            login_started: None,
             receiving: HashSet::new(),
         }
     }
@@ -69,17 +65,6 @@ impl SimUser {
     fn source(&self) -> Option<IpAddr> {
         (!self.world.sources.is_empty())
             .then(|| self.world.sources[self.index % self.world.sources.len()])
-    }
-
-    fn snapshot_progress(&mut self) {
-        if self.own_status_seen && self.users_seen >= self.world.users {
-            if let Some(started) = self.login_started.take() {
-                self.world
-                    .ledger
-                    .record(Metric::LoginToSnapshot, started.elapsed());
-                self.world.ledger.count(Count::SignOns);
-            }
-        }
     }
 
     fn receive(&mut self, id: String, ctx: &mut Context<Self>) {
@@ -133,10 +118,13 @@ impl Actor for SimUser {
 #[rtype(result = "()")]
 pub struct SignOn;
 
-/// A packet from the session stream (`None`: the stream ended).
+/// What the reader hands the actor: a message to fetch, or the end.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Inbound(Option<Packet>);
+enum Inbound {
+    Available(String),
+    Ended,
+}
 
 /// Send one message, scheduled at `scheduled`.
 #[derive(Message)]
@@ -164,27 +152,36 @@ impl Handler<SignOn> for SimUser {
         let world = self.world.clone();
         let (name, password, source) = (self.name.clone(), self.password.clone(), self.source());
         let addr = ctx.address();
-        self.users_seen = 0;
-        self.own_status_seen = false;
         let connecting = async move {
-            let started = Instant::now();
-            let stream = world
-                .connector
-                .connect_from(world.session_addr, source)
-                .await?;
-            world.ledger.record(Metric::TlsConnect, started.elapsed());
-            let client = SessionClient::over(stream)
-                .sign_on(&name, &password)
-                .await?;
-            Ok::<_, ClientError>((client, Instant::now()))
+            // A client told "busy" comes back a little later, as real ones do.
+            let mut attempt = 0u32;
+            loop {
+                let started = Instant::now();
+                let stream = world
+                    .connector
+                    .connect_from(world.session_addr, source)
+                    .await?;
+                world.ledger.record(Metric::TlsConnect, started.elapsed());
+                match SessionClient::over(stream).sign_on(&name, &password).await {
+                    Ok(client) => return Ok::<_, ClientError>((client, Instant::now())),
+                    Err(ClientError::LoginRefused(reason))
+                        if reason.contains("busy") && attempt < 60 =>
+                    {
+                        attempt += 1;
+                        world.ledger.count(Count::LoginRetries);
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8))))
+                            .await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         };
         ctx.wait(
             connecting
                 .into_actor(self)
                 .map(move |result, actor, ctx| match result {
                     Ok((client, login_done)) => {
-                        let (mut reader, mut writer) = client.split();
-                        actor.login_started = Some(login_done);
+                        let (reader, mut writer) = client.split();
                         actor.world.ledger.set_truth(&actor.name, true, false);
                         actor.idle = false;
                         let (tx, mut rx) = mpsc::channel::<Packet>(64);
@@ -197,19 +194,16 @@ impl Handler<SignOn> for SimUser {
                             }
                             writer.close().await;
                         });
-                        actix::spawn(async move {
-                            loop {
-                                let packet = reader
-                                    .next_packet(Duration::from_secs(24 * 3600))
-                                    .await
-                                    .ok()
-                                    .flatten();
-                                let ended = packet.is_none();
-                                if addr.send(Inbound(packet)).await.is_err() || ended {
-                                    break;
-                                }
-                            }
-                        });
+                        let view = actor.world.ledger.new_view(&actor.name);
+                        let (world, name) = (actor.world.clone(), actor.name.clone());
+                        actix::spawn(read_session(
+                            reader,
+                            world,
+                            name,
+                            view,
+                            login_done,
+                            addr.clone(),
+                        ));
                     }
                     Err(e) => {
                         log::warn!("{}: sign-on failed: {e}", actor.name);
@@ -223,43 +217,82 @@ impl Handler<SignOn> for SimUser {
 
 use actix::ActorFutureExt;
 
+/// Reads one session stream: counts and applies presence to the user's
+/// view right here (the hot path: up to a packet per user per event), and
+/// hands the actor only what it acts on.
+async fn read_session(
+    mut reader: SessionReader,
+    world: Arc<World>,
+    name: String,
+    view: View,
+    login_done: Instant,
+    actor: actix::Addr<SimUser>,
+) {
+    let (mut users_seen, mut own_seen, mut snapshot_done) = (0usize, false, false);
+    let mut statuses = 0u64;
+    loop {
+        let packet = reader
+            .next_packet(Duration::from_secs(24 * 3600))
+            .await
+            .ok()
+            .flatten();
+        match packet {
+            Some(Packet::AddUser { .. }) => users_seen += 1,
+            Some(Packet::StatusChange {
+                username, status, ..
+            }) => {
+                statuses += 1;
+                if statuses % 256 == 0 {
+                    world.ledger.status_packets(256);
+                    world.ledger.touch();
+                }
+                if username == name {
+                    own_seen = true;
+                } else {
+                    let mut view = view.lock().unwrap_or_else(|p| p.into_inner());
+                    match status {
+                        Status::Online | Status::Back => view.insert(username, false),
+                        Status::Idle => view.insert(username, true),
+                        Status::Offline => view.remove(&username),
+                    };
+                }
+            }
+            Some(Packet::MessageAvailable { id, .. }) => {
+                world.ledger.available(&id, &name);
+                if actor.send(Inbound::Available(id)).await.is_err() {
+                    break;
+                }
+            }
+            Some(_) => {}
+            None => {
+                let _ = actor.send(Inbound::Ended).await;
+                break;
+            }
+        }
+        if !snapshot_done && own_seen && users_seen >= world.users {
+            snapshot_done = true;
+            world
+                .ledger
+                .record(Metric::LoginToSnapshot, login_done.elapsed());
+            world.ledger.count(Count::SignOns);
+        }
+    }
+    world.ledger.status_packets(statuses % 256);
+    world.ledger.touch();
+}
+
 impl Handler<Inbound> for SimUser {
     type Result = ();
 
     fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
-        let ledger = &self.world.ledger;
-        match msg.0 {
-            Some(Packet::AddUser { .. }) => {
-                self.users_seen += 1;
-                self.snapshot_progress();
-            }
-            Some(Packet::StatusChange {
-                username, status, ..
-            }) => {
-                ledger.count(Count::StatusPackets);
-                if username == self.name {
-                    self.own_status_seen = true;
-                    self.snapshot_progress();
-                    return;
-                }
-                let shown = match status {
-                    Status::Online | Status::Back => Some(false),
-                    Status::Idle => Some(true),
-                    Status::Offline => None,
-                };
-                ledger.set_view(&self.name, &username, shown);
-            }
-            Some(Packet::MessageAvailable { id, .. }) => {
-                ledger.available(&id, &self.name);
-                self.receive(id, ctx);
-            }
-            Some(_) => {}
-            None => {
+        match msg {
+            Inbound::Available(id) => self.receive(id, ctx),
+            Inbound::Ended => {
                 if self.out.take().is_some() {
                     log::warn!("{}: session closed by the server", self.name);
-                    ledger.count(Count::Disconnects);
-                    ledger.set_truth(&self.name, false, false);
-                    ledger.clear_view(&self.name);
+                    self.world.ledger.count(Count::Disconnects);
+                    self.world.ledger.set_truth(&self.name, false, false);
+                    self.world.ledger.clear_view(&self.name);
                 }
             }
         }
