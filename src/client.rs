@@ -69,6 +69,7 @@ const STEP: Duration = Duration::from_secs(30);
 /// Opens TLS connections to one server.
 #[derive(Clone)]
 pub struct Connector {
+    config: Arc<ClientConfig>,
     tls: TlsConnector,
     server_name: ServerName<'static>,
 }
@@ -76,9 +77,19 @@ pub struct Connector {
 impl Connector {
     pub fn new(config: Arc<ClientConfig>) -> Connector {
         Connector {
-            tls: TlsConnector::from(config),
+            tls: TlsConnector::from(config.clone()),
+            config,
             server_name: ServerName::try_from("localhost").expect("localhost is a valid name"),
         }
+    }
+
+    /// The same trust with a session cache of its own, as one real client
+    /// has: its message streams resume each other's TLS sessions instead of
+    /// competing for one shared cache's few tickets.
+    pub fn with_own_session_cache(&self) -> Connector {
+        let mut config = (*self.config).clone();
+        config.resumption = rustls::client::Resumption::in_memory_sessions(32);
+        Connector::new(Arc::new(config))
     }
 
     /// Pinned to the development certificate in a server's data directory.

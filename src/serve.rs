@@ -90,8 +90,12 @@ pub async fn run(
             store_dir.display()
         )
     })?);
-    let (commit, flusher) =
-        GroupCommit::start(store.clone(), MAX_WAITING_COMMITS).context("starting the flusher")?;
+    let (commit, flusher) = GroupCommit::start(
+        store.clone(),
+        MAX_WAITING_COMMITS,
+        config.timeouts.commit_window(),
+    )
+    .context("starting the flusher")?;
     let auth = Arc::new(Authenticator::new(store.clone(), AuthSettings::default())?);
     let users = store.list_users()?;
     log::info!(

@@ -84,6 +84,8 @@ pub struct Timeouts {
     pub keepalive_secs: u64,
     /// How long an accepted message id is remembered for retries.
     pub id_retention_secs: u64,
+    /// Under load, microseconds the flusher gathers writers before a flush.
+    pub commit_window_micros: u64,
 }
 
 impl Default for Timeouts {
@@ -98,6 +100,7 @@ impl Default for Timeouts {
             shutdown_secs: 10,
             keepalive_secs: 60,
             id_retention_secs: 24 * 3600,
+            commit_window_micros: 1000,
         }
     }
 }
@@ -133,5 +136,8 @@ impl Timeouts {
     }
     pub fn id_retention(&self) -> Duration {
         secs(self.id_retention_secs)
+    }
+    pub fn commit_window(&self) -> Duration {
+        Duration::from_micros(self.commit_window_micros)
     }
 }

@@ -125,6 +125,10 @@ struct Books {
     missed_presence: u64,
     /// user → (signed on, idle) as the user itself set it.
     truth: HashMap<String, (bool, bool)>,
+    first_scheduled: Option<Instant>,
+    last_done: Option<Instant>,
+    first_received: Option<Instant>,
+    last_received: Option<Instant>,
     /// observer → (user → shown idle); absent means offline. Each view is
     /// written by its user's reader alone, so the hot path never takes the
     /// ledger's lock.
@@ -245,6 +249,7 @@ impl Ledger {
         at: Instant,
     ) {
         let mut books = self.books();
+        books.first_scheduled.get_or_insert(at);
         let online_at_send = recipients
             .iter()
             .map(|r| books.truth.get(r).is_some_and(|t| t.0))
@@ -271,6 +276,7 @@ impl Ledger {
         books.series[index].done += 1;
         *books.counts.entry(Count::Sent).or_default() += 1;
         books.last_event = Some(now);
+        books.last_done = Some(now);
         let Some(sent) = books.sent.get_mut(id) else {
             return;
         };
@@ -307,6 +313,8 @@ impl Ledger {
         books.series[index].received += 1;
         *books.counts.entry(Count::Received).or_default() += 1;
         books.last_event = Some(now);
+        books.first_received.get_or_insert(now);
+        books.last_received = Some(now);
         let (corrupted, duplicated, took) = match books.sent.get_mut(id) {
             None => (true, false, None),
             Some(sent) => {
@@ -418,6 +426,28 @@ impl Ledger {
                 out
             })
             .collect()
+    }
+
+    /// Acknowledged sends per second, from the first scheduled send to the
+    /// last `done` (so sends still finishing after the steady phase count
+    /// against the time they took).
+    pub fn send_rate(&self) -> f64 {
+        let books = self.books();
+        let sent = books.counts.get(&Count::Sent).copied().unwrap_or(0) as f64;
+        match (books.first_scheduled, books.last_done) {
+            (Some(first), Some(last)) if last > first => sent / (last - first).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    /// Receives per second, from the first to the last.
+    pub fn receive_rate(&self) -> f64 {
+        let books = self.books();
+        let received = books.counts.get(&Count::Received).copied().unwrap_or(0) as f64;
+        match (books.first_received, books.last_received) {
+            (Some(first), Some(last)) if last > first => received / (last - first).as_secs_f64(),
+            _ => 0.0,
+        }
     }
 
     pub fn elapsed(&self) -> Duration {

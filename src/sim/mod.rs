@@ -32,7 +32,7 @@ use content::ContentSpec;
 use ledger::{Count, Ledger, Metric};
 use report::{Hold, Machine, Report, ServerUsage};
 use target::{process_usage, Spawned};
-use user::{password_for, SendOne, SignOff, SimUser, ToggleIdle, World};
+use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
 
 /// A scenario; every field has a default, and a TOML file or flags set them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +58,9 @@ pub struct Scenario {
     pub reconnect: bool,
     /// Sign-ons started per second in the reconnect wave.
     pub reconnect_ramp: f64,
+    /// Recipients fetch their messages only after the steady phase, so that
+    /// it measures sends alone.
+    pub defer_receive: bool,
     /// Only sign on and hold the sessions, to measure memory per session.
     pub hold: bool,
     /// Message streams in flight at once.
@@ -83,6 +86,7 @@ impl Default for Scenario {
             content: ContentSpec::default(),
             reconnect: false,
             reconnect_ramp: 5000.0,
+            defer_receive: false,
             hold: false,
             max_streams: 256,
             source_ips: 16,
@@ -130,6 +134,9 @@ pub struct SimArgs {
     /// Sign-ons per second in the reconnect wave.
     #[arg(long)]
     pub reconnect_ramp: Option<f64>,
+    /// Receive only after the steady phase (measure sends alone).
+    #[arg(long)]
+    pub defer_receive: bool,
     /// Only hold the sessions open and measure server memory per session.
     #[arg(long)]
     pub hold: bool,
@@ -140,6 +147,9 @@ pub struct SimArgs {
     /// Start a server on a temporary data directory for this run.
     #[arg(long)]
     pub spawn: bool,
+    /// Configuration file for the spawned server.
+    #[arg(long, requires = "spawn")]
+    pub server_config: Option<PathBuf>,
     /// An external server's session address.
     #[arg(long)]
     pub session_addr: Option<SocketAddr>,
@@ -201,6 +211,7 @@ impl SimArgs {
         set!(max_streams = self.max_streams);
         set!(source_ips = self.source_ips);
         s.reconnect |= self.reconnect;
+        s.defer_receive |= self.defer_receive;
         s.hold |= self.hold;
         if s.users < 2 && !s.hold {
             bail!("a scenario needs at least 2 users");
@@ -272,7 +283,11 @@ fn run_cli(args: SimArgs) -> Result<bool> {
             "creating {} users and starting a server…",
             credentials.len()
         );
-        spawned = Spawned::start(&credentials, &[])?;
+        let extra: Vec<String> = match &args.server_config {
+            Some(path) => vec!["--config".into(), path.display().to_string()],
+            None => Vec::new(),
+        };
+        spawned = Spawned::start(&credentials, &extra)?;
         TargetInfo {
             connector: Connector::for_data_dir(&spawned.data_dir)?,
             session_addr: spawned.session_addr,
@@ -413,6 +428,7 @@ pub async fn run_scenario(
         users: scenario.users,
         content: scenario.content,
         streams: Arc::new(Semaphore::new(scenario.max_streams.max(1))),
+        defer_receive: std::sync::atomic::AtomicBool::new(scenario.defer_receive),
         sources,
     });
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -468,6 +484,15 @@ pub async fn run_scenario(
         }
     } else {
         steady(&mut driver, later).await?;
+        if scenario.defer_receive {
+            driver
+                .world
+                .defer_receive
+                .store(false, std::sync::atomic::Ordering::Release);
+            for (_, user) in &driver.online {
+                user.do_send(FetchPending);
+            }
+        }
     }
     let drain_deadline = Instant::now() + Duration::from_secs_f64(scenario.drain_secs);
     while Instant::now() < drain_deadline
@@ -485,7 +510,6 @@ pub async fn run_scenario(
         bar.finish_and_clear();
     }
     let seconds = ledger.elapsed().as_secs_f64();
-    let steady_secs = scenario.duration_secs.max(0.001);
     let mut latency_ms = BTreeMap::new();
     for metric in Metric::ALL {
         if let Some(p) = ledger.percentiles(metric) {
@@ -514,8 +538,8 @@ pub async fn run_scenario(
         seconds,
         sign_ons_per_sec: sign_on_rate,
         presence_convergence_secs: convergence,
-        messages_per_sec: ledger.get(Count::Sent) as f64 / steady_secs,
-        receives_per_sec: ledger.get(Count::Received) as f64 / steady_secs,
+        messages_per_sec: ledger.send_rate(),
+        receives_per_sec: ledger.receive_rate(),
         status_packets_per_sec: ledger.get(Count::StatusPackets) as f64 / seconds.max(0.001),
         latency_ms,
         counts,

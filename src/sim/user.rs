@@ -31,6 +31,8 @@ pub struct World {
     pub streams: Arc<Semaphore>,
     /// Local addresses to connect from (empty: let the system choose).
     pub sources: Vec<IpAddr>,
+    /// While set, announced messages are noted and fetched later.
+    pub defer_receive: std::sync::atomic::AtomicBool,
 }
 
 /// The password of a simulated user.
@@ -40,6 +42,8 @@ pub fn password_for(prefix: &str, name: &str) -> String {
 
 /// One simulated user.
 pub struct SimUser {
+    /// This user's own TLS session cache, as a real client would have.
+    connector: Connector,
     name: String,
     password: String,
     index: usize,
@@ -47,11 +51,13 @@ pub struct SimUser {
     out: Option<mpsc::Sender<Packet>>,
     idle: bool,
     receiving: HashSet<String>,
+    pending: Vec<String>,
 }
 
 impl SimUser {
     pub fn new(name: String, password: String, index: usize, world: Arc<World>) -> SimUser {
         SimUser {
+            connector: world.connector.with_own_session_cache(),
             name,
             password,
             index,
@@ -59,6 +65,7 @@ impl SimUser {
             out: None,
             idle: false,
             receiving: HashSet::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -72,20 +79,14 @@ impl SimUser {
             return;
         }
         let world = self.world.clone();
+        let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
         ctx.spawn(
             async move {
                 let _permit = world.streams.clone().acquire_owned().await;
                 let started = Instant::now();
-                match fetch_message(
-                    &world.connector,
-                    world.message_addr,
-                    &name,
-                    &password,
-                    &id,
-                    true,
-                )
-                .await
+                match fetch_message(&connector, world.message_addr, &name, &password, &id, true)
+                    .await
                 {
                     Ok(got) => {
                         world.ledger.record(Metric::Receive, started.elapsed());
@@ -140,6 +141,21 @@ pub struct SendOne {
 #[rtype(result = "()")]
 pub struct ToggleIdle;
 
+/// Fetch the messages noted while receiving was deferred.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FetchPending;
+
+impl Handler<FetchPending> for SimUser {
+    type Result = ();
+
+    fn handle(&mut self, _: FetchPending, ctx: &mut Context<Self>) {
+        for id in std::mem::take(&mut self.pending) {
+            self.receive(id, ctx);
+        }
+    }
+}
+
 /// Sign off and stop.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -150,6 +166,7 @@ impl Handler<SignOn> for SimUser {
 
     fn handle(&mut self, _: SignOn, ctx: &mut Context<Self>) {
         let world = self.world.clone();
+        let connector = self.connector.clone();
         let (name, password, source) = (self.name.clone(), self.password.clone(), self.source());
         let addr = ctx.address();
         let connecting = async move {
@@ -157,10 +174,7 @@ impl Handler<SignOn> for SimUser {
             let mut attempt = 0u32;
             loop {
                 let started = Instant::now();
-                let stream = world
-                    .connector
-                    .connect_from(world.session_addr, source)
-                    .await?;
+                let stream = connector.connect_from(world.session_addr, source).await?;
                 world.ledger.record(Metric::TlsConnect, started.elapsed());
                 match SessionClient::over(stream).sign_on(&name, &password).await {
                     Ok(client) => return Ok::<_, ClientError>((client, Instant::now())),
@@ -286,7 +300,17 @@ impl Handler<Inbound> for SimUser {
 
     fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
         match msg {
-            Inbound::Available(id) => self.receive(id, ctx),
+            Inbound::Available(id) => {
+                if self
+                    .world
+                    .defer_receive
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    self.pending.push(id);
+                } else {
+                    self.receive(id, ctx);
+                }
+            }
             Inbound::Ended => {
                 if self.out.take().is_some() {
                     log::warn!("{}: session closed by the server", self.name);
@@ -304,6 +328,7 @@ impl Handler<SendOne> for SimUser {
 
     fn handle(&mut self, msg: SendOne, ctx: &mut Context<Self>) {
         let world = self.world.clone();
+        let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
         ctx.spawn(
             async move {
@@ -323,7 +348,7 @@ impl Handler<SendOne> for SimUser {
                     recipients: &msg.recipients,
                     data: &data,
                 };
-                match send_message(&world.connector, world.message_addr, &outgoing).await {
+                match send_message(&connector, world.message_addr, &outgoing).await {
                     Ok(()) => world.ledger.done(&msg.id),
                     Err(e) => {
                         log::warn!("{name}: send {} failed: {e}", msg.id);
