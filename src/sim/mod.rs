@@ -451,6 +451,7 @@ pub async fn run_scenario(
         .wave(first.clone(), scenario.ramp, check_presence)
         .await?;
     let mut hold = None;
+    let mut steady_from = None;
     if scenario.reconnect {
         driver.sign_off_all();
         let quiet = Instant::now();
@@ -483,6 +484,7 @@ pub async fn run_scenario(
             });
         }
     } else {
+        steady_from = Some((Instant::now(), ledger.get(Count::StatusPackets)));
         steady(&mut driver, later).await?;
         if scenario.defer_receive {
             driver
@@ -500,6 +502,12 @@ pub async fn run_scenario(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // StatusChange delivery during the steady phase, up to the last event.
+    let steady_status_rate = steady_from.map_or(0.0, |(from, before): (Instant, u64)| {
+        let last = Instant::now() - ledger.quiet_for().min(from.elapsed());
+        let packets = ledger.get(Count::StatusPackets).saturating_sub(before);
+        packets as f64 / last.saturating_duration_since(from).as_secs_f64().max(0.001)
+    });
     let verdict = if scenario.hold {
         Default::default()
     } else {
@@ -540,7 +548,7 @@ pub async fn run_scenario(
         presence_convergence_secs: convergence,
         messages_per_sec: ledger.send_rate(),
         receives_per_sec: ledger.receive_rate(),
-        status_packets_per_sec: ledger.get(Count::StatusPackets) as f64 / seconds.max(0.001),
+        status_packets_per_sec: steady_status_rate,
         latency_ms,
         counts,
         verdict,

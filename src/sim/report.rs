@@ -26,6 +26,7 @@ pub struct Report {
     pub presence_convergence_secs: Option<f64>,
     pub messages_per_sec: f64,
     pub receives_per_sec: f64,
+    /// StatusChange packets received per second in the steady phase.
     pub status_packets_per_sec: f64,
     pub latency_ms: BTreeMap<Metric, Percentiles>,
     pub counts: BTreeMap<Count, u64>,
@@ -126,7 +127,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  StatusChange recv/s   {:>12.1}",
+            "  StatusChange recv/s   {:>12.1}  (steady phase)",
             self.status_packets_per_sec
         );
         let _ = writeln!(out);
