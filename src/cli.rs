@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// PEM private key (with --cert).
     #[arg(long, value_name = "PEM", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 impl ServeArgs {
@@ -58,6 +61,7 @@ impl ServeArgs {
             message_addr: self.message_addr.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
+            metrics_addr: self.metrics_addr.clone(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Config {
     pub cert: Option<PathBuf>,
     /// PEM private key for `cert`.
     pub key: Option<PathBuf>,
+    /// Prometheus metrics listen address; off when unset.
+    pub metrics_addr: Option<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
 }
@@ -40,6 +42,7 @@ impl Default for Config {
             message_addr: DEFAULT_MESSAGE_ADDR.to_owned(),
             cert: None,
             key: None,
+            metrics_addr: None,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }
@@ -54,6 +57,7 @@ pub struct Overrides {
     pub message_addr: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
 }
 
 impl Config {
@@ -81,6 +85,9 @@ impl Config {
         if let Some(addr) = overrides.message_addr {
             config.message_addr = addr;
         }
+        if let Some(addr) = overrides.metrics_addr {
+            config.metrics_addr = Some(addr);
+        }
         if overrides.cert.is_some() || overrides.key.is_some() {
             config.cert = overrides.cert;
             config.key = overrides.key;
@@ -102,6 +109,7 @@ impl Config {
             ("limits.mailbox_messages", l.mailbox_messages),
             ("limits.session_queue", l.session_queue),
             ("limits.connections", l.connections),
+            ("limits.connections_per_address", l.connections_per_address),
             ("limits.write_coalesce_bytes", l.write_coalesce_bytes),
         ] {
             if value == 0 {
@@ -161,6 +169,27 @@ mod tests {
         .unwrap();
         assert_eq!(config.limits.recipients, 5);
         assert_eq!(config.session_addr, "127.0.0.1:2");
+    }
+
+    #[test]
+    fn the_example_file_is_every_default() {
+        let text = include_str!("../deploy/csm.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+        // Every setting appears in it, commented or not.
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "{key} missing from csm.example.toml"
+            );
+        }
+        for key in ["cert", "key", "metrics_addr"] {
+            assert!(
+                text.contains(&format!("# {key} = ")),
+                "{key} missing from csm.example.toml"
+            );
+        }
     }
 
     #[test]

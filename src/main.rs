@@ -26,24 +26,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), args.overrides())?;
     let system = actix::System::new();
     system.block_on(async move {
+        // Handlers first: a signal that arrives as soon as the server says
+        // it is ready must already mean a graceful shutdown.
+        let shutdown = shutdown_signal()?;
         let (session, message) = csm::serve::bind(&config).await?;
-        csm::serve::run(config, session, message, |_| {}, shutdown_signal()).await
+        csm::serve::run(config, session, message, |_| {}, shutdown).await
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
+/// either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            log::warn!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => log::info!("SIGINT received"),
+            _ = terminate.recv() => log::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received"),
-        _ = term.recv() => log::info!("SIGTERM received"),
-    }
+    })
 }

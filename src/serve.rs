@@ -15,8 +15,9 @@ use csm_actors::mailbox::{MailboxActor, MailboxSettings};
 use csm_actors::mailboxes::Mailboxes;
 use csm_actors::messages::CloseAll;
 use csm_actors::presence::PresenceActor;
-use csm_actors::services::{OwnedCountGuard, Services};
+use csm_actors::services::Services;
 use csm_actors::store::{GroupCommit, SledStore, Store};
+use csm_actors::throttle::{LoginThrottle, ThrottleSettings};
 use csm_actors::{courier, session};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -36,6 +37,26 @@ pub struct Ready {
     pub session_addr: SocketAddr,
     pub message_addr: SocketAddr,
     pub fingerprint: String,
+}
+
+/// Serves Prometheus metrics at `addr` (once per process: a second call,
+/// as in tests that start several servers, keeps the first exporter).
+fn install_metrics(addr: &str) -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if INSTALLED.get().is_some() {
+        log::warn!("metrics exporter already running; {addr} not used");
+        return Ok(());
+    }
+    let socket: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("metrics address {addr} is not HOST:PORT"))?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(socket)
+        .install()
+        .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+    let _ = INSTALLED.set(());
+    log::info!("metrics at http://{socket}/metrics");
+    Ok(())
 }
 
 /// The mailbox limits of a configuration.
@@ -76,12 +97,12 @@ pub async fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => tls::load_identity(cert, key)?,
-        _ => tls::dev_identity(&config.data_dir)?,
-    };
-    let fingerprint = identity.fingerprint();
-    let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
+    if let Some(addr) = &config.metrics_addr {
+        install_metrics(addr)?;
+    }
+    let certs = tls::CertStore::new(load_identity(&config)?)?;
+    let fingerprint = certs.fingerprint();
+    let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
 
     let store_dir = config.store_dir();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
@@ -120,6 +141,8 @@ pub async fn run(
         shutting_down: AtomicBool::new(false),
         exchanges: AtomicUsize::new(0),
         connections: AtomicUsize::new(0),
+        per_address: Default::default(),
+        throttle: LoginThrottle::new(ThrottleSettings::default()),
     });
 
     let admin = AdminSocket::bind(&config::admin_socket(&config.data_dir), services.clone())?;
@@ -140,10 +163,12 @@ pub async fn run(
         services.clone(),
         stop_rx.clone(),
     ));
-    let admin_task = actix_rt::spawn(admin.serve(stop_rx));
+    let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
+    let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
     log::info!("ready; certificate SHA-256 fingerprint {fingerprint}");
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     ready(Ready {
         session_addr,
         message_addr,
@@ -151,12 +176,14 @@ pub async fn run(
     });
 
     shutdown.await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     log::info!("shutting down: no new connections");
     services.shutting_down.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     let _ = accept_session.await;
     let _ = accept_message.await;
     let _ = admin_task.await;
+    let _ = reload_task.await;
     let deadline = Instant::now() + config.timeouts.shutdown();
     while services.exchanges.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -195,6 +222,54 @@ pub async fn run(
     Ok(())
 }
 
+fn load_identity(config: &Config) -> Result<tls::Identity> {
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => tls::load_identity(cert, key),
+        _ => tls::dev_identity(&config.data_dir),
+    }
+}
+
+/// Reloads the certificate and key on SIGHUP; a file that does not load
+/// leaves the running certificate in place, and the log says why.
+async fn reload_on_sighup(
+    config: Config,
+    certs: Arc<tls::CertStore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            log::warn!("cannot watch SIGHUP, certificate reload is off: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = hangups.recv() => {}
+        }
+        match load_identity(&config).and_then(|identity| certs.replace(identity)) {
+            Ok(fingerprint) => {
+                log::info!("certificate reloaded; SHA-256 fingerprint {fingerprint}")
+            }
+            Err(e) => {
+                log::error!("certificate reload failed, keeping the current certificate: {e:#}")
+            }
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) about readiness and shutdown; a no-op when
+/// not started by systemd.
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, states) {
+            log::warn!("could not notify systemd: {e}");
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
@@ -216,14 +291,13 @@ async fn accept_loop(
                 continue;
             }
         };
-        if services.connections.load(Ordering::Acquire) >= services.limits.connections {
-            log::warn!(
-                "connection limit {} reached; closed {peer}",
-                services.limits.connections
-            );
-            continue;
-        }
-        let guard = OwnedCountGuard::new(services.clone(), |s| &s.connections);
+        let guard = match services.admit(peer.ip()) {
+            Ok(guard) => guard,
+            Err(why) => {
+                log::warn!("{why}; closed {peer}");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let services = services.clone();
         actix_rt::spawn(async move {
@@ -234,10 +308,12 @@ async fn accept_loop(
             let tls = match handshake.await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
                     log::info!("TLS handshake with {peer} failed: {e}");
                     return;
                 }
                 Err(_) => {
+                    metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
                     log::info!("TLS handshake with {peer} timed out");
                     return;
                 }

@@ -7,11 +7,13 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -61,15 +63,72 @@ fn provider() -> Arc<CryptoProvider> {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+/// The server's certificate, replaceable while it runs (SIGHUP): new
+/// handshakes get the new one, connections already open keep theirs.
+#[derive(Debug)]
+pub struct CertStore {
+    current: RwLock<(Arc<CertifiedKey>, String)>,
+}
+
+impl CertStore {
+    pub fn new(identity: Identity) -> Result<Arc<CertStore>> {
+        let fingerprint = identity.fingerprint();
+        Ok(Arc::new(CertStore {
+            current: RwLock::new((Arc::new(certified_key(identity)?), fingerprint)),
+        }))
+    }
+
+    /// Swaps in a new identity, checked first: on error the old one stays.
+    pub fn replace(&self, identity: Identity) -> Result<String> {
+        let fingerprint = identity.fingerprint();
+        let key = Arc::new(certified_key(identity)?);
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *current = (key, fingerprint.clone());
+        Ok(fingerprint)
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
+        )
+    }
+}
+
+/// Checks that key and certificate go together and makes the signing key.
+fn certified_key(identity: Identity) -> Result<CertifiedKey> {
+    let key = provider()
+        .key_provider
+        .load_private_key(identity.key)
+        .context("the private key is not usable")?;
+    let certified = CertifiedKey::new(identity.chain, key);
+    certified
+        .keys_match()
+        .context("the private key does not belong to the certificate")?;
+    Ok(certified)
+}
+
 /// The server's TLS configuration: TLS 1.2 and 1.3, session tickets and a
 /// session cache so that repeated message streams resume cheaply.
-pub fn server_config(identity: Identity) -> Result<Arc<ServerConfig>> {
+pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .context("certificate and key do not form a usable identity")?;
+        .with_cert_resolver(certs);
     config.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS ticketer")?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
     Ok(Arc::new(config))

@@ -86,3 +86,82 @@ async fn cert_and_key_files_replace_the_development_certificate() {
         .await
         .unwrap();
 }
+
+/// The binary reloads `--cert/--key` on SIGHUP; new connections get the new
+/// certificate, and a broken file keeps the old one.
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_keeps_it_when_broken() {
+    use std::process::{Command, Stdio};
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    csm::tls::dev_identity(first.path()).unwrap();
+    csm::tls::dev_identity(second.path()).unwrap();
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
+    let install = |from: &std::path::Path| {
+        let (c, k) = csm::tls::dev_cert_paths(from);
+        std::fs::copy(c, &cert).unwrap();
+        std::fs::copy(k, &key).unwrap();
+    };
+    install(first.path());
+    let port = |()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (session_addr, message_addr) = (port(()), port(()));
+    let data = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--session-addr",
+            &session_addr.to_string(),
+            "--message-addr",
+            &message_addr.to_string(),
+        ])
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !data.path().join("admin.sock").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pinned_first = Connector::for_data_dir(first.path()).unwrap();
+    let pinned_second = Connector::for_data_dir(second.path()).unwrap();
+    assert!(pinned_first.connect(session_addr).await.is_ok());
+
+    install(second.path());
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let mut reloaded = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if pinned_second.connect(session_addr).await.is_ok() {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "new connections get the new certificate");
+    assert!(pinned_first.connect(session_addr).await.is_err());
+
+    std::fs::write(&cert, "not a certificate").unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        pinned_second.connect(message_addr).await.is_ok(),
+        "a broken file keeps the current certificate"
+    );
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("certificate reloaded"), "{log}");
+    assert!(log.contains("keeping the current certificate"), "{log}");
+}

@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::auth::AuthError;
 use crate::messages::{Deliver, Fetch, Remove};
 use crate::proto::data::{read_data, DataError, ReadDataError};
 use crate::proto::lines::{
     read_line, recipients_block, Action, ErrorCode, Header, LineError, StreamError, DONE,
 };
-use crate::proto::names::{valid_message_id, valid_password, valid_username};
-use crate::services::{OwnedCountGuard, Services};
+use crate::proto::names::{valid_message_id, valid_username};
+use crate::services::{LoginOutcome, OwnedCountGuard, Services};
 
 /// The one answer for an unknown user and a wrong password.
 pub const AUTH_REFUSED: &str = "unknown user or wrong password";
@@ -65,6 +64,7 @@ where
     } else {
         let exchange = Exchange {
             services: &services,
+            peer,
             reader: &mut reader,
             writer: &mut writer,
         };
@@ -84,6 +84,8 @@ where
         Ok(()) => {}
         Err(Fail::Gone(why)) => log::debug!("message stream from {peer}: {why}"),
         Err(Fail::Answer(error)) => {
+            metrics::counter!(crate::metrics::STREAM_ERRORS, "code" => error.code.as_str())
+                .increment(1);
             log::info!("message stream from {peer}: {error}");
             let _ = tokio::time::timeout(write_timeout, async {
                 writer.write_all(&error.to_line()).await?;
@@ -103,6 +105,7 @@ where
 
 struct Exchange<'a, R, W> {
     services: &'a Services,
+    peer: SocketAddr,
     reader: &'a mut R,
     writer: &'a mut W,
 }
@@ -120,25 +123,18 @@ where
                 "server is shutting down; try again",
             ));
         }
-        let verified = if valid_username(&header.username) && valid_password(&header.password) {
-            self.services
-                .auth
-                .verify(&header.username, &header.password)
-                .await
-        } else {
-            self.services
-                .auth
-                .verify("", &header.password)
-                .await
-                .map(|_| false)
-        };
-        match verified {
-            Ok(true) => {}
-            Ok(false) => return Err(answer(ErrorCode::Auth, AUTH_REFUSED)),
-            Err(AuthError::Busy) => {
+        let outcome = self
+            .services
+            .check_login(&header.username, &header.password, self.peer.ip())
+            .await;
+        match outcome {
+            LoginOutcome::Accepted => {}
+            LoginOutcome::WrongCredentials => return Err(answer(ErrorCode::Auth, AUTH_REFUSED)),
+            LoginOutcome::Throttled(reason) => return Err(answer(ErrorCode::Unavailable, reason)),
+            LoginOutcome::Busy => {
                 return Err(answer(ErrorCode::Unavailable, "server busy; try again"))
             }
-            Err(e) => {
+            LoginOutcome::Failed(e) => {
                 return Err(answer(
                     ErrorCode::Internal,
                     format!("credential check failed: {e}"),
@@ -325,6 +321,7 @@ where
             })
             .await
             .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))??;
+        metrics::counter!(crate::metrics::MESSAGES_DELIVERED).increment(1);
         Ok(())
     }
 

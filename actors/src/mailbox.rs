@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::mailboxes::{internal, Mailboxes, Stored};
 use crate::messages::{
-    Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailboxStatsRequest, Purge, Remove,
+    Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailboxStatsRequest, Purge, Remove,
     SessionId, Subscribe, Unsubscribe,
 };
 use crate::outbound::Outbound;
@@ -78,6 +78,12 @@ impl MailboxActor {
         }
     }
 
+    fn publish(&self) {
+        let (messages, bytes) = self.mailboxes.totals();
+        metrics::gauge!(crate::metrics::MAILBOX_MESSAGES).set(messages as f64);
+        metrics::gauge!(crate::metrics::MAILBOX_BYTES).set(bytes as f64);
+    }
+
     /// Answers after the next flush has made every write so far durable.
     fn commit_then<T: 'static>(
         &self,
@@ -87,7 +93,10 @@ impl MailboxActor {
         Box::pin(
             async move { commit.commit().await.map_err(commit_error) }
                 .into_actor(self)
-                .map(move |result, actor, _| result.and_then(|()| then(actor))),
+                .map(move |result, actor, _| {
+                    actor.publish();
+                    result.and_then(|()| then(actor))
+                }),
         )
     }
 
@@ -109,6 +118,7 @@ impl Actor for MailboxActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (messages, bytes) = self.mailboxes.totals();
         log::info!("mailboxes loaded: {messages} messages, {bytes} bytes waiting");
+        self.publish();
         self.mailboxes.prune_ids();
         let every = (self.mailboxes.settings().id_retention / 24).max(Duration::from_secs(60));
         ctx.run_interval(every, |actor, _| actor.mailboxes.prune_ids());
@@ -120,7 +130,11 @@ impl Handler<Deliver> for MailboxActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
         let seq = match self.mailboxes.store_message(&msg) {
-            Ok(Stored::New(seq) | Stored::Retry(seq)) => seq,
+            Ok(Stored::New(seq)) => {
+                metrics::counter!(crate::metrics::MESSAGES_STORED).increment(1);
+                seq
+            }
+            Ok(Stored::Retry(seq)) => seq,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let recipients = msg.recipients;
@@ -163,6 +177,14 @@ impl Handler<DropMailbox> for MailboxActor {
     fn handle(&mut self, msg: DropMailbox, _: &mut Context<Self>) -> Self::Result {
         self.subscribers.remove(&msg.user);
         self.change(|m| m.purge(&msg.user, None))
+    }
+}
+
+impl Handler<Backup> for MailboxActor {
+    type Result = Result<(), StreamError>;
+
+    fn handle(&mut self, msg: Backup, _: &mut Context<Self>) -> Self::Result {
+        self.mailboxes.backup(&msg.dir)
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Mailboxes {
     boxes: HashMap<String, UserBox>,
     /// Mailboxes still holding each message; its data goes with the last.
     holders: HashMap<u64, usize>,
+    /// Entries and bytes in all mailboxes.
+    total: (usize, u64),
 }
 
 impl Mailboxes {
@@ -122,6 +124,7 @@ impl Mailboxes {
             settings,
             boxes: HashMap::new(),
             holders: HashMap::new(),
+            total: (0, 0),
         };
         let mut headers: HashMap<u64, Option<MessageHeader>> = HashMap::new();
         for entry in mailboxes.store.mailbox_entries()? {
@@ -148,9 +151,7 @@ impl Mailboxes {
 
     /// Messages and bytes waiting, in all mailboxes.
     pub fn totals(&self) -> (usize, u64) {
-        self.boxes
-            .values()
-            .fold((0, 0), |(n, b), bx| (n + bx.entries.len(), b + bx.bytes))
+        self.total
     }
 
     /// The committed entries of a mailbox, oldest first.
@@ -179,6 +180,8 @@ impl Mailboxes {
         );
         bx.by_id.insert(header.id.clone(), seq);
         bx.bytes += header.size;
+        self.total.0 += 1;
+        self.total.1 += header.size;
         *self.holders.entry(seq).or_default() += 1;
     }
 
@@ -291,6 +294,8 @@ impl Mailboxes {
         };
         if let Some(entry) = bx.entries.remove(&seq) {
             bx.bytes -= entry.size;
+            self.total.0 -= 1;
+            self.total.1 -= entry.size;
         }
         if bx.entries.is_empty() {
             self.boxes.remove(user);
@@ -413,6 +418,11 @@ impl Mailboxes {
                 self.settings.id_retention
             );
         }
+    }
+
+    /// Copies the store to `dir` (see [`Store::backup`]).
+    pub fn backup(&self, dir: &std::path::Path) -> Result<(), StreamError> {
+        self.store.backup(dir).map_err(internal)
     }
 
     pub fn settings(&self) -> &MailboxSettings {

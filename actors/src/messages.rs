@@ -175,6 +175,13 @@ pub struct ListMailbox {
 #[rtype(result = "Vec<MailboxStats>")]
 pub struct MailboxStatsRequest;
 
+/// Copies the store to a new directory, between two mailbox writes.
+#[derive(Message)]
+#[rtype(result = "Result<(), StreamError>")]
+pub struct Backup {
+    pub dir: std::path::PathBuf,
+}
+
 /// A user was removed: drop their mailbox.
 #[derive(Message)]
 #[rtype(result = "Result<usize, StreamError>")]

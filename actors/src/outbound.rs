@@ -6,7 +6,7 @@
 //! queued into one buffer and one write, so a burst of small packets costs
 //! one TLS record, and gives every write a deadline.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +33,6 @@ struct Shared {
     overflowed: AtomicBool,
 }
 
-/// Counts slow-reader disconnects across the server, for operators.
-pub static SLOW_READER_CLOSES: AtomicU64 = AtomicU64::new(0);
-
 /// The producer side; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Outbound {
@@ -51,7 +48,7 @@ impl Outbound {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !self.shared.overflowed.swap(true, Ordering::AcqRel) {
-                    SLOW_READER_CLOSES.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::SLOW_READER_CLOSES).increment(1);
                 }
                 self.close();
                 false

@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use actix::{Actor, Context, Handler, MessageResult};
+use actix::{Actor, AsyncContext, Context, Handler, MessageResult};
 use bytes::Bytes;
 
 use crate::messages::{
     CloseAll, ListOnline, Register, SessionId, SessionInfo, SetActive, SetIdle, Unregister,
     UserAdded, UserPresence, UserRemoved,
 };
+use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 use crate::proto::{Packet, Status};
 use crate::store::unix_now;
@@ -103,18 +104,41 @@ impl PresenceActor {
     /// Queues `packet` on every session of every user but `except`.
     fn broadcast_except(&self, except: &str, packet: &Packet) {
         let frame = Bytes::from(packet.to_frame());
+        let mut queued = 0u64;
         for (user, online) in &self.online {
             if user != except {
                 for link in online.sessions.values() {
                     link.outbound.push(frame.clone());
+                    queued += 1;
                 }
             }
         }
+        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
+    }
+
+    /// Publishes how many users are online and idle.
+    fn publish(&self) {
+        let now = Instant::now();
+        let idle = self
+            .online
+            .values()
+            .filter(|u| u.idle_secs(now).is_some())
+            .count();
+        metrics::gauge!(metrics_names::USERS_ONLINE).set(self.online.len() as f64);
+        metrics::gauge!(metrics_names::USERS_IDLE).set(idle as f64);
     }
 }
 
 impl Actor for PresenceActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Counting idle users walks every online user: once a second, not
+        // per event.
+        ctx.run_interval(std::time::Duration::from_secs(1), |actor, _| {
+            actor.publish()
+        });
+    }
 }
 
 impl Handler<Register> for PresenceActor {

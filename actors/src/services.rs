@@ -1,16 +1,21 @@
 //! What every connection handler needs, in one shared struct: settings, the
 //! store, the authenticator and the actors' addresses.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::Addr;
 
+use crate::auth::AuthError;
 use crate::auth::Authenticator;
 use crate::mailbox::MailboxActor;
 use crate::presence::PresenceActor;
+use crate::proto::names::{valid_password, valid_username};
 use crate::settings::{Limits, Timeouts};
 use crate::store::{GroupCommit, Store};
+use crate::throttle::{Gate, LoginThrottle};
 
 /// Shared by all connections of one server.
 pub struct Services {
@@ -27,11 +32,102 @@ pub struct Services {
     pub exchanges: AtomicUsize,
     /// Open connections of both kinds.
     pub connections: AtomicUsize,
+    /// Open connections per source address.
+    pub per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Failed-login throttling, both protocols.
+    pub throttle: LoginThrottle,
 }
 
 impl Services {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Admits a new connection from `addr` within the total and
+    /// per-address limits; the guard gives its place back when dropped.
+    pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Result<ConnectionGuard, &'static str> {
+        if self.connections.load(Ordering::Acquire) >= self.limits.connections {
+            return Err("connection limit reached");
+        }
+        let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let open = per_address.entry(addr).or_default();
+        if *open >= self.limits.connections_per_address {
+            return Err("connection limit for this address reached");
+        }
+        *open += 1;
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Ok(ConnectionGuard {
+            services: self.clone(),
+            addr,
+        })
+    }
+}
+
+/// The result of a credential check, for either protocol to phrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Accepted,
+    /// Unknown user, wrong password, or a name or password that breaks the
+    /// syntax rules: one outcome for all, after the same work.
+    WrongCredentials,
+    /// Too many failures from this address; the text says so.
+    Throttled(String),
+    /// The password checks are saturated.
+    Busy,
+    Failed(String),
+}
+
+impl Services {
+    /// Checks credentials through the throttle: a refused address is not
+    /// checked at all, and a failure is answered only after its delay.
+    pub async fn check_login(&self, user: &str, password: &str, addr: IpAddr) -> LoginOutcome {
+        if let Gate::Refuse(reason) = self.throttle.gate(user, addr) {
+            return LoginOutcome::Throttled(reason);
+        }
+        let verdict = if valid_username(user) && valid_password(password) {
+            self.auth.verify(user, password).await
+        } else {
+            // Same cost as a real check, so syntax does not leak existence.
+            self.auth.verify("", password).await.map(|_| false)
+        };
+        match verdict {
+            Ok(true) => {
+                self.throttle.succeeded(user, addr);
+                LoginOutcome::Accepted
+            }
+            Ok(false) => {
+                let delay = self.throttle.failed(user, addr);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                LoginOutcome::WrongCredentials
+            }
+            Err(AuthError::Busy) => LoginOutcome::Busy,
+            Err(e) => LoginOutcome::Failed(e.to_string()),
+        }
+    }
+}
+
+/// One admitted connection; see [`Services::admit`].
+pub struct ConnectionGuard {
+    services: Arc<Services>,
+    addr: IpAddr,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.services.connections.fetch_sub(1, Ordering::AcqRel);
+        let mut per_address = self
+            .services
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = per_address.get_mut(&self.addr) {
+            *open -= 1;
+            if *open == 0 {
+                per_address.remove(&self.addr);
+            }
+        }
     }
 }
 

@@ -13,16 +13,14 @@ use actix::{
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf};
 
-use crate::auth::AuthError;
 use crate::messages::{
     next_session_id, Register, SessionId, SetActive, SetIdle, Subscribe, Unregister, Unsubscribe,
 };
 use crate::outbound::{self, Outbound, WriterEnd};
 use crate::proto::frame::{read_frame, FrameError};
-use crate::proto::names::{valid_password, valid_username};
 use crate::proto::packet::Decoded;
 use crate::proto::Packet;
-use crate::services::Services;
+use crate::services::{LoginOutcome, Services};
 
 /// The one answer for an unknown user and a wrong password.
 pub const LOGIN_REFUSED: &str = "unknown user or wrong password";
@@ -61,22 +59,18 @@ where
             return;
         }
     };
-    let verdict = if valid_username(&username) && valid_password(&password) {
-        services.auth.verify(&username, &password).await
-    } else {
-        // Same cost as a real check, so syntax does not leak existence.
-        services.auth.verify("", &password).await.map(|_| false)
-    };
-    let refusal = match verdict {
-        Ok(true) => None,
-        Ok(false) => Some(LOGIN_REFUSED.to_owned()),
-        Err(AuthError::Busy) => Some("server busy; try again later".to_owned()),
-        Err(e) => {
+    let refusal = match services.check_login(&username, &password, peer.ip()).await {
+        LoginOutcome::Accepted => None,
+        LoginOutcome::WrongCredentials => Some(LOGIN_REFUSED.to_owned()),
+        LoginOutcome::Throttled(reason) => Some(reason),
+        LoginOutcome::Busy => Some("server busy; try again later".to_owned()),
+        LoginOutcome::Failed(e) => {
             log::error!("login check for {username} failed: {e}");
             Some("internal error; try again later".to_owned())
         }
     };
     if let Some(reason) = refusal {
+        metrics::counter!(crate::metrics::SIGN_ON_FAILURES).increment(1);
         log::info!("session from {peer}: login refused for {username:?}: {reason}");
         let frame = Packet::LoginResponse {
             ok: false,
@@ -168,6 +162,8 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics::counter!(crate::metrics::SIGN_ONS).increment(1);
+        metrics::gauge!(crate::metrics::SESSIONS_OPEN).increment(1.0);
         let ok = Packet::LoginResponse {
             ok: true,
             reason: None,
@@ -200,6 +196,7 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics::gauge!(crate::metrics::SESSIONS_OPEN).decrement(1.0);
         self.outbound.close();
         self.services.presence.do_send(Unregister {
             user: self.user.clone(),

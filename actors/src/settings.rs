@@ -32,6 +32,8 @@ pub struct Limits {
     pub session_queue: usize,
     /// Most open connections, both protocols together.
     pub connections: usize,
+    /// Most open connections from one source address.
+    pub connections_per_address: usize,
     /// Bytes a session's writer gathers into one write.
     pub write_coalesce_bytes: usize,
 }
@@ -48,6 +50,7 @@ impl Default for Limits {
             mailbox_bytes: 1 << 30,
             session_queue: 1024,
             connections: 60_000,
+            connections_per_address: 4096,
             write_coalesce_bytes: 64 * 1024,
         }
     }

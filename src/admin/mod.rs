@@ -40,6 +40,9 @@ pub enum AdminCommand {
     Mailbox(MailboxCommand),
     /// Open sessions: user, status, idle time, peer, connected since.
     Sessions,
+    /// Write a consistent copy of the store (and TLS files) into a new
+    /// directory, which then serves as a data directory.
+    Backup { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +191,12 @@ fn build_request(command: &AdminCommand) -> Result<Request, String> {
         }
         AdminCommand::Mailbox(MailboxCommand::Stats) => Request::MailboxStats,
         AdminCommand::Sessions => Request::Sessions,
+        AdminCommand::Backup { dir } => {
+            let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Request::Backup {
+                dir: dir.display().to_string(),
+            }
+        }
     })
 }
 

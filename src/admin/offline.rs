@@ -10,7 +10,8 @@ use csm_actors::proto::lines::{ErrorCode, StreamError};
 use csm_actors::store::{unix_now, SledStore, Store, StoreError, UserRecord};
 
 use super::protocol::{
-    check_new_user, check_password, cutoff, Failure, MessageView, Outcome, Reply, Request, UserRow,
+    backup_target, backup_tls, check_new_user, check_password, cutoff, Failure, MessageView,
+    Outcome, Reply, Request, UserRow,
 };
 use crate::config::store_dir;
 
@@ -161,6 +162,14 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
             )
         }
         Request::MailboxStats => Ok(Reply::stats(mailboxes(&store)?.stats())),
+        Request::Backup { dir } => {
+            let target = backup_target(&dir)?;
+            store.backup(&target).map_err(Failure::internal)?;
+            backup_tls(data_dir, &dir)?;
+            Ok(Reply::Done {
+                message: format!("backup written to {dir}"),
+            })
+        }
         Request::Sessions => Err(Failure::refused("no server is running")),
     }
 }

@@ -47,6 +47,11 @@ pub enum Request {
     },
     MailboxStats,
     Sessions,
+    /// Copy the store (and the TLS files) into a new directory `dir`,
+    /// which then works as a data directory.
+    Backup {
+        dir: String,
+    },
 }
 
 /// How an operation failed; decides the exit code.
@@ -222,6 +227,46 @@ pub fn check_password(password: &str) -> Result<(), Failure> {
         return Err(Failure::refused(
             "invalid password: 1-1024 bytes, no CR or LF",
         ));
+    }
+    Ok(())
+}
+
+/// Prepares a backup: `dir` must be absolute and must not exist yet.
+/// Returns where the store copy goes.
+pub fn backup_target(dir: &str) -> Result<std::path::PathBuf, Failure> {
+    let dir = std::path::Path::new(dir);
+    if !dir.is_absolute() {
+        return Err(Failure::refused(
+            "the backup directory must be an absolute path",
+        ));
+    }
+    if dir.exists() {
+        return Err(Failure::refused(format!(
+            "{} already exists; give a new directory",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::internal(format!("creating {}: {e}", dir.display())))?;
+    Ok(crate::config::store_dir(dir))
+}
+
+/// Copies the TLS files of `data_dir` (if any) next to a backup's store.
+pub fn backup_tls(data_dir: &std::path::Path, backup: &str) -> Result<(), Failure> {
+    let (cert, key) = crate::tls::dev_cert_paths(data_dir);
+    let (to_cert, to_key) = crate::tls::dev_cert_paths(std::path::Path::new(backup));
+    if cert.exists() && key.exists() {
+        let copy = |from: &std::path::Path, to: &std::path::Path| {
+            std::fs::copy(from, to)
+                .map_err(|e| Failure::internal(format!("copying {}: {e}", from.display())))
+        };
+        if let Some(parent) = to_cert.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Failure::internal(e.to_string()))?;
+        }
+        copy(&cert, &to_cert)?;
+        copy(&key, &to_key)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&to_key, std::fs::Permissions::from_mode(0o600));
     }
     Ok(())
 }

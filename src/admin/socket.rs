@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 
 use csm_actors::messages::{
-    DropMailbox, Fetch, ListMailbox, ListOnline, MailboxStatsRequest, Purge, Remove, UserAdded,
-    UserRemoved,
+    Backup, DropMailbox, Fetch, ListMailbox, ListOnline, MailboxStatsRequest, Purge, Remove,
+    UserAdded, UserRemoved,
 };
 use csm_actors::proto::lines::{read_line, ErrorCode, StreamError};
 use csm_actors::proto::Status;
@@ -23,8 +23,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::protocol::{
-    check_new_user, check_password, cutoff, Failure, MessageView, Outcome, Reply, Request,
-    SessionRow, UserRow, MAX_LINE,
+    backup_target, backup_tls, check_new_user, check_password, cutoff, Failure, MessageView,
+    Outcome, Reply, Request, SessionRow, UserRow, MAX_LINE,
 };
 
 /// How long one admin connection may take.
@@ -66,8 +66,9 @@ impl AdminSocket {
             match accepted {
                 Ok((stream, _)) => {
                     let services = self.services.clone();
+                    let data_dir = self.path.parent().map(Path::to_owned).unwrap_or_default();
                     actix_rt::spawn(async move {
-                        if tokio::time::timeout(ADMIN_TIMEOUT, handle(stream, services))
+                        if tokio::time::timeout(ADMIN_TIMEOUT, handle(stream, services, data_dir))
                             .await
                             .is_err()
                         {
@@ -85,12 +86,12 @@ impl AdminSocket {
     }
 }
 
-async fn handle(stream: UnixStream, services: Arc<Services>) {
+async fn handle(stream: UnixStream, services: Arc<Services>, data_dir: PathBuf) {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
     let outcome: Outcome = match read_line(&mut reader, MAX_LINE).await {
         Ok(line) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => execute(request, &services).await,
+            Ok(request) => execute(request, &services, &data_dir).await,
             Err(e) => Err(Failure::refused(format!("bad request: {e}"))),
         },
         Err(e) => Err(Failure::refused(format!("bad request line: {e}"))),
@@ -110,7 +111,7 @@ fn stream_failure(e: StreamError) -> Failure {
     }
 }
 
-async fn execute(request: Request, services: &Services) -> Outcome {
+async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outcome {
     let mailbox = &services.mailbox;
     let unreachable = |e: actix::MailboxError| Failure::internal(format!("mailbox actor: {e}"));
     match request {
@@ -164,6 +165,7 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                 .map_err(unreachable)?
                 .map_err(stream_failure)?;
             services.commit.commit().await.map_err(Failure::internal)?;
+            metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(dropped as u64);
             log::info!("admin: user {name} removed with {dropped} waiting messages");
             done(format!(
                 "user {name} removed ({dropped} waiting messages deleted)"
@@ -256,6 +258,7 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                     "no message {id} in the mailbox of {user}"
                 )));
             }
+            metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(1);
             log::info!("admin: message {id} deleted from the mailbox of {user}");
             done(format!("message {id} deleted from the mailbox of {user}"))
         }
@@ -271,6 +274,7 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                 .await
                 .map_err(unreachable)?
                 .map_err(stream_failure)?;
+            metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(purged as u64);
             log::info!("admin: {purged} messages purged from the mailbox of {user}");
             done(format!(
                 "{purged} messages purged from the mailbox of {user}"
@@ -282,6 +286,17 @@ async fn execute(request: Request, services: &Services) -> Outcome {
                 .await
                 .map_err(unreachable)?;
             Ok(Reply::stats(stats))
+        }
+        Request::Backup { dir } => {
+            let target = backup_target(&dir)?;
+            mailbox
+                .send(Backup { dir: target })
+                .await
+                .map_err(unreachable)?
+                .map_err(stream_failure)?;
+            backup_tls(data_dir, &dir)?;
+            log::info!("admin: store backed up to {dir}");
+            done(format!("backup written to {dir}"))
         }
         Request::Sessions => {
             let online = services

@@ -59,7 +59,9 @@ fn argon2_rate(duration: Duration) -> Result<f64> {
 fn tls_rate(duration: Duration, concurrency: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let identity = crate::tls::dev_identity(dir.path())?;
-    let acceptor = TlsAcceptor::from(crate::tls::server_config(identity)?);
+    let acceptor = TlsAcceptor::from(crate::tls::server_config(crate::tls::CertStore::new(
+        identity,
+    )?)?);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;

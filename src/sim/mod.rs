@@ -506,7 +506,11 @@ pub async fn run_scenario(
     let steady_status_rate = steady_from.map_or(0.0, |(from, before): (Instant, u64)| {
         let last = Instant::now() - ledger.quiet_for().min(from.elapsed());
         let packets = ledger.get(Count::StatusPackets).saturating_sub(before);
-        packets as f64 / last.saturating_duration_since(from).as_secs_f64().max(0.001)
+        packets as f64
+            / last
+                .saturating_duration_since(from)
+                .as_secs_f64()
+                .max(0.001)
     });
     let verdict = if scenario.hold {
         Default::default()

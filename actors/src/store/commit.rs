@@ -114,7 +114,10 @@ fn run(
         }
         batch.extend(incoming.try_iter());
         busy = batch.len() > 1;
+        let started = std::time::Instant::now();
         let result = store.flush().map_err(|e| CommitError::Flush(e.to_string()));
+        metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::COMMIT_BATCH).record(batch.len() as f64);
         if let Err(e) = &result {
             log::error!("store flush failed for {} waiting writes: {e}", batch.len());
         }

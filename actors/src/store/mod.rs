@@ -109,6 +109,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every write before it durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Writes a copy of the whole store into a new store at `dir` and
+    /// flushes it. The copy is consistent when no writes run meanwhile (the
+    /// server runs it on the mailbox actor, which does every message write).
+    fn backup(&self, dir: &std::path::Path) -> Result<(), StoreError>;
 }
 
 /// Seconds since the Unix epoch, now.

@@ -40,11 +40,6 @@ impl SledStore {
         let db = sled::Config::new().path(dir).open()?;
         Ok(SledStore { db })
     }
-
-    /// Writes a consistent copy of the database to `dir`.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
-    }
 }
 
 fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
@@ -215,6 +210,13 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        Ok(())
+    }
+
+    fn backup(&self, dir: &Path) -> Result<(), StoreError> {
+        let copy = sled::Config::new().path(dir).create_new(true).open()?;
+        copy.import(self.db.export());
+        copy.flush()?;
         Ok(())
     }
 }

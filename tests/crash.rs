@@ -1,0 +1,235 @@
+//! Crash safety: the server runs under a sending and receiving load and is
+//! killed with SIGKILL at random moments, then restarted on the same data
+//! directory. Afterwards every message that got `done` is either still
+//! waiting or was received, none is there twice, every message whose
+//! removal was confirmed is gone, and the users are intact.
+//!
+//! The test suite runs 5 cycles; `CSM_CRASH_CYCLES=20 cargo test --release
+//! --test crash` runs the long form.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{password_of, sample_data};
+use csm::admin::protocol::{Reply, Request};
+use csm::client::{fetch_message, send_message, Connector, Outgoing};
+use rand::Rng;
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Server {
+    child: Child,
+    message: SocketAddr,
+}
+
+fn start(dir: &Path) -> Server {
+    let (session, message) = (free_addr(), free_addr());
+    let child = Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--session-addr",
+            &session.to_string(),
+            "--message-addr",
+            &message.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // A killed server leaves its socket file behind: wait for a live one.
+    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not restart"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server { child, message }
+}
+
+#[derive(Default)]
+struct Books {
+    /// Data of every message sent, by id.
+    sent: HashMap<String, Vec<u8>>,
+    done: BTreeSet<String>,
+    /// Read in full by bob at least once.
+    seen: BTreeSet<String>,
+    /// bob's `done` answered by the close: removal confirmed.
+    removed: BTreeSet<String>,
+}
+
+#[test]
+fn sigkill_under_load_loses_nothing_acknowledged() {
+    let cycles: usize = std::env::var("CSM_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = tempfile::tempdir().unwrap();
+    let books = Arc::new(Mutex::new(Books::default()));
+    let mut counter = 0u64;
+    let mut rng = rand::thread_rng();
+    for cycle in 0..cycles {
+        let mut server = start(dir.path());
+        if cycle == 0 {
+            for user in ["alice", "bob"] {
+                let request = Request::UserAdd {
+                    name: user.into(),
+                    password: password_of(user),
+                };
+                csm::admin::execute(dir.path(), request).unwrap();
+            }
+        }
+        let connector = Connector::for_data_dir(dir.path()).unwrap();
+        let kill_after = Duration::from_millis(rng.gen_range(200..900));
+        let system = actix::System::new();
+        let books_here = books.clone();
+        let first = counter;
+        let message_addr = server.message;
+        counter = system.block_on(async move {
+            let sender = {
+                let books = books_here.clone();
+                let connector = connector.clone();
+                actix::spawn(async move {
+                    let recipients = vec!["bob".to_string()];
+                    let mut n = first;
+                    loop {
+                        let id = format!("crash-{n}");
+                        n += 1;
+                        let data = sample_data(&id);
+                        books.lock().unwrap().sent.insert(id.clone(), data.clone());
+                        let outgoing = Outgoing {
+                            username: "alice",
+                            password: &password_of("alice"),
+                            id: &id,
+                            recipients: &recipients,
+                            data: &data,
+                        };
+                        match send_message(&connector, message_addr, &outgoing).await {
+                            Ok(()) => {
+                                books.lock().unwrap().done.insert(id);
+                            }
+                            Err(_) => return n,
+                        }
+                    }
+                })
+            };
+            let receiver = {
+                let books = books_here.clone();
+                actix::spawn(async move {
+                    loop {
+                        let pending: Vec<String> = {
+                            let b = books.lock().unwrap();
+                            b.done.difference(&b.removed).take(8).cloned().collect()
+                        };
+                        if pending.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        for id in pending {
+                            let pw = password_of("bob");
+                            if let Ok(got) =
+                                fetch_message(&connector, message_addr, "bob", &pw, &id, false)
+                                    .await
+                            {
+                                let mut b = books.lock().unwrap();
+                                assert_eq!(
+                                    b.sent.get(&id),
+                                    Some(&got.data),
+                                    "{id} came back changed"
+                                );
+                                b.seen.insert(id.clone());
+                            }
+                            if fetch_message(&connector, message_addr, "bob", &pw, &id, true)
+                                .await
+                                .is_ok()
+                            {
+                                books.lock().unwrap().removed.insert(id);
+                            }
+                        }
+                    }
+                })
+            };
+            tokio::time::sleep(kill_after).await;
+            unsafe { libc::kill(server.child.id() as i32, libc::SIGKILL) };
+            let _ = server.child.wait();
+            receiver.abort();
+            sender.await.unwrap_or(first)
+        });
+    }
+    let b = books.lock().unwrap();
+    assert!(
+        b.done.len() >= cycles,
+        "load ran: {} sends acknowledged",
+        b.done.len()
+    );
+
+    // The last word: the store itself, read offline.
+    let Reply::Mailbox { items } = csm::admin::execute(
+        dir.path(),
+        Request::MailboxList {
+            user: Some("bob".into()),
+        },
+    )
+    .unwrap() else {
+        panic!()
+    };
+    let waiting: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+    let unique: BTreeSet<String> = waiting.iter().cloned().collect();
+    assert_eq!(unique.len(), waiting.len(), "a message is waiting twice");
+    for id in &b.done {
+        assert!(
+            unique.contains(id) || b.seen.contains(id),
+            "{id} got done but is neither waiting nor received"
+        );
+    }
+    for id in &b.removed {
+        assert!(
+            !unique.contains(id),
+            "{id}: removal confirmed, yet it is still waiting"
+        );
+    }
+    for item in &items {
+        let Reply::Message { message } = csm::admin::execute(
+            dir.path(),
+            Request::MailboxShow {
+                user: "bob".into(),
+                id: item.id.clone(),
+                with_data: false,
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(message.size, b.sent[&item.id].len() as u64);
+    }
+    let Reply::Users { users, .. } = csm::admin::execute(dir.path(), Request::UserList).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+        vec!["alice", "bob"]
+    );
+    println!(
+        "{cycles} cycles: {} sent, {} done, {} received, {} removal confirmed, {} waiting",
+        b.sent.len(),
+        b.done.len(),
+        b.seen.len(),
+        b.removed.len(),
+        waiting.len()
+    );
+}

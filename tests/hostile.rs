@@ -1,0 +1,293 @@
+//! Hostile input and abuse, each closed cleanly while the other users keep
+//! working: no ClientHello, hundreds of silent connections, a huge length
+//! prefix followed by a flood, bytes that trickle, old TLS versions, login
+//! guessing, and too many connections from one address.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use csm::client::{ClientError, SessionClient};
+use csm_actors::proto::lines::ErrorCode;
+use csm_actors::proto::{Packet, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes; returns what came and how long it took.
+async fn until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("not closed within {limit:?}"),
+        }
+    }
+}
+
+/// alice and bob signed on; bob watches.
+async fn pair(server: &TestServer) -> (SessionClient, SessionClient) {
+    for user in ["alice", "bob"] {
+        server.add_user(user, &password_of(user));
+    }
+    let mut bob = server.login("bob").await;
+    read_sign_on(&mut bob, 1, 0).await;
+    let mut alice = server.login("alice").await;
+    read_sign_on(&mut alice, 2, 0).await;
+    assert_eq!(next_status(&mut bob).await.0, "alice");
+    (alice, bob)
+}
+
+/// The server still serves: a message from alice reaches bob.
+async fn still_serving(server: &TestServer, bob: &mut SessionClient, id: &str) {
+    server
+        .send("alice", id, &["bob"], &sample_data("still here"))
+        .await
+        .unwrap();
+    loop {
+        if let Packet::MessageAvailable { id: got, .. } = next(bob).await {
+            assert_eq!(got, id);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_client_hello_is_closed_at_the_handshake_timeout() {
+    let server = TestServer::start_with(|c| c.timeouts.handshake_secs = 1);
+    let (_alice, mut bob) = pair(&server).await;
+    for addr in [server.session_addr, server.message_addr] {
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let (got, took) = until_closed(&mut silent, Duration::from_secs(5)).await;
+        assert!(got.is_empty());
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+    }
+    still_serving(&server, &mut bob, "after-silence").await;
+}
+
+#[tokio::test]
+async fn five_hundred_silent_connections_do_not_stop_anyone() {
+    let server = TestServer::start_with(|c| c.timeouts.handshake_secs = 2);
+    let (_alice, mut bob) = pair(&server).await;
+    let mut silent = Vec::new();
+    for n in 0..500 {
+        let addr = if n % 2 == 0 {
+            server.session_addr
+        } else {
+            server.message_addr
+        };
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    still_serving(&server, &mut bob, "among-the-silent").await;
+    let mut carol_ok = false;
+    server.add_user("carol", &password_of("carol"));
+    if let Ok(mut carol) = SessionClient::login(
+        &server.connector,
+        server.session_addr,
+        "carol",
+        &password_of("carol"),
+    )
+    .await
+    {
+        read_sign_on(&mut carol, 3, 0).await;
+        carol_ok = true;
+    }
+    assert!(
+        carol_ok,
+        "a new user signs on while 500 connections sit silent"
+    );
+    for stream in &mut silent {
+        let (got, _) = until_closed(stream, Duration::from_secs(10)).await;
+        assert!(got.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_huge_length_prefix_and_a_flood_are_cut_off() {
+    let server = TestServer::start();
+    let (mut alice, mut bob) = pair(&server).await;
+    alice.send_raw(&[0x7F, 0xFF, 0xFF, 0xFF]).await.unwrap();
+    // The server closes at the prefix; a 100 MB flood after it is refused
+    // by the closed connection, not read into memory.
+    let chunk = vec![0x41u8; 1 << 20];
+    let mut written = 0usize;
+    let flood = async {
+        while written < 100 << 20 {
+            if alice.send_raw(&chunk).await.is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), flood)
+        .await
+        .expect("flood ends");
+    assert!(
+        written < 100 << 20,
+        "the server kept reading a refused frame ({written} bytes)"
+    );
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Offline, None)
+    );
+    still_serving(&server, &mut bob, "after-flood").await;
+}
+
+#[tokio::test]
+async fn trickling_bytes_hit_the_frame_and_line_timeouts() {
+    let server = TestServer::start_with(|c| {
+        c.timeouts.frame_secs = 1;
+        c.timeouts.read_secs = 1;
+    });
+    let (mut alice, mut bob) = pair(&server).await;
+    // A frame of 40 bytes, one byte every 300 ms.
+    let frame = Packet::Idle { idle_secs: 1 }.to_frame();
+    let started = Instant::now();
+    for byte in &frame {
+        if alice.send_raw(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert_closed(&mut alice).await;
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Offline, None)
+    );
+
+    // A header line, one byte every 300 ms.
+    let mut stream = server.connector.connect(server.message_addr).await.unwrap();
+    let line = b"alice-trickling-slowly\n";
+    let mut answer = Vec::new();
+    for byte in line {
+        if stream.write_all(&[*byte]).await.is_err() || stream.flush().await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("error malformed "), "{answer:?}");
+    still_serving(&server, &mut bob, "after-trickle").await;
+}
+
+/// A TLS 1.1 ClientHello without the supported_versions extension.
+fn tls11_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x02];
+    hello.extend_from_slice(&[7u8; 32]);
+    hello.push(0); // session id
+    hello.extend_from_slice(&[0x00, 0x04, 0x00, 0x2f, 0x00, 0x35]); // AES-CBC-SHA suites
+    hello.extend_from_slice(&[0x01, 0x00]); // no compression
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[tokio::test]
+async fn tls_1_0_and_1_1_are_refused() {
+    let server = TestServer::start();
+    for addr in [server.session_addr, server.message_addr] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&tls11_client_hello()).await.unwrap();
+        let (got, _) = until_closed(&mut stream, Duration::from_secs(5)).await;
+        // An alert record (0x15), never a ServerHello handshake (0x16).
+        assert_eq!(got.first(), Some(&0x15), "{got:02x?}");
+    }
+}
+
+#[tokio::test]
+async fn guessing_a_password_is_slowed_then_refused_from_that_address() {
+    let server = TestServer::start();
+    server.add_user("alice", &password_of("alice"));
+    let mut last = Duration::ZERO;
+    for attempt in 0..10 {
+        let started = Instant::now();
+        match SessionClient::login(
+            &server.connector,
+            server.session_addr,
+            "alice",
+            &format!("guess{attempt}"),
+        )
+        .await
+        {
+            Err(ClientError::LoginRefused(_)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a guess got in"),
+        }
+        last = started.elapsed();
+    }
+    assert!(
+        last >= Duration::from_secs(2),
+        "later failures are delayed ({last:?})"
+    );
+    let locked = SessionClient::login(
+        &server.connector,
+        server.session_addr,
+        "alice",
+        &password_of("alice"),
+    )
+    .await;
+    match locked {
+        Err(ClientError::LoginRefused(reason)) => assert!(reason.contains("too many"), "{reason}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a locked-out address is refused even with the right password"),
+    }
+    match server
+        .send("alice", "m", &["alice"], &sample_data("x"))
+        .await
+    {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unavailable),
+        other => panic!("message streams are throttled too: {other:?}"),
+    }
+    // From another address the real user still gets in.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(server.session_addr).await.unwrap();
+    let tls = server.connector.handshake(tcp).await.unwrap();
+    SessionClient::over(tls)
+        .sign_on("alice", &password_of("alice"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped() {
+    let server = TestServer::start_with(|c| c.limits.connections_per_address = 5);
+    server.add_user("alice", &password_of("alice"));
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(server.connector.connect(server.session_addr).await.unwrap());
+    }
+    assert!(
+        server.connector.connect(server.session_addr).await.is_err(),
+        "the sixth is closed"
+    );
+    // Another address is not affected.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(server.session_addr).await.unwrap();
+    server.connector.handshake(tcp).await.unwrap();
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    SessionClient::login(
+        &server.connector,
+        server.session_addr,
+        "alice",
+        &password_of("alice"),
+    )
+    .await
+    .unwrap();
+}

@@ -1,0 +1,126 @@
+//! Running it for real: Prometheus metrics, systemd readiness, and backups
+//! taken from a running server that restore into a working data directory.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use csm::admin::protocol::{Reply, Request};
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn the_binary_tells_systemd_when_it_is_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--session-addr",
+            &free_addr(),
+            "--message-addr",
+            &free_addr(),
+        ])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap();
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).unwrap();
+    let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let status = child.wait().unwrap();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn backup_of_a_running_server_restores() {
+    let server = TestServer::start();
+    for user in ["alice", "bob"] {
+        server.add_user(user, &password_of(user));
+    }
+    let data = sample_data("kept in the backup");
+    server.send("alice", "b1", &["bob"], &data).await.unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let target = backups.path().join("csm-backup");
+    let request = Request::Backup {
+        dir: target.display().to_string(),
+    };
+    match csm::admin::execute(&server.data_dir, request) {
+        Ok(Reply::Done { .. }) => {}
+        other => panic!("backup: {other:?}"),
+    }
+    // Written after the backup: not in it.
+    server.send("alice", "b2", &["bob"], &data).await.unwrap();
+    let again = csm::admin::execute(
+        &server.data_dir,
+        Request::Backup {
+            dir: target.display().to_string(),
+        },
+    );
+    assert!(again.is_err(), "an existing directory is refused");
+    let relative = csm::admin::execute(
+        &server.data_dir,
+        Request::Backup {
+            dir: "relative".into(),
+        },
+    );
+    assert!(relative.is_err(), "a relative path is refused");
+    server.stop();
+
+    let restored = TestServer::start_in(&target, |_| {});
+    let mut bob = restored.login("bob").await;
+    let (users, _, messages) = read_sign_on(&mut bob, 1, 1).await;
+    assert_eq!(users, vec!["alice", "bob"]);
+    assert_eq!(messages[0].0, "b1");
+    assert_eq!(restored.receive("bob", "b1").await.unwrap().data, data);
+    assert!(restored.receive("bob", "b2").await.is_err());
+}
+
+#[test]
+fn offline_backup_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |_| {});
+    server.add_user("alice", &password_of("alice"));
+    server.stop();
+    let target = dir.path().join("copy");
+    let out = Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("backup")
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let Reply::Users { users, .. } = csm::admin::execute(&target, Request::UserList).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(users.len(), 1);
+    assert!(
+        csm::tls::dev_cert_paths(&target).0.exists(),
+        "the certificate travels with the backup"
+    );
+    let _ = Instant::now();
+}
