@@ -291,3 +291,35 @@ async fn connections_per_address_are_capped() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_panic_in_one_session_or_stream_closes_only_that_one() {
+    let server = TestServer::start();
+    let (mut alice, mut bob) = pair(&server).await;
+    alice
+        .send(&Packet::Idle {
+            idle_secs: csm_actors::FAILPOINT_IDLE_SECS,
+        })
+        .await
+        .unwrap();
+    assert_closed(&mut alice).await;
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Offline, None),
+        "presence heard it"
+    );
+    let mut answer = raw_exchange(
+        &server,
+        &send_request("alice", csm_actors::FAILPOINT_MESSAGE_ID, &["bob"]),
+        false,
+    )
+    .await;
+    answer.retain(|c| c != '\n');
+    assert!(
+        answer.is_empty(),
+        "the panicking stream is closed without an answer: {answer:?}"
+    );
+    still_serving(&server, &mut bob, "after-panics").await;
+    let mut again = server.login("alice").await;
+    read_sign_on(&mut again, 2, 0).await;
+}

@@ -117,6 +117,10 @@ where
 {
     async fn run(mut self) -> Result<(), Fail> {
         let header = self.header().await?;
+        #[cfg(feature = "failpoints")]
+        if header.message_id == crate::FAILPOINT_MESSAGE_ID {
+            panic!("failpoint: message stream panic injected");
+        }
         if self.services.is_shutting_down() {
             return Err(answer(
                 ErrorCode::Unavailable,

@@ -212,6 +212,27 @@ impl Actor for SessionActor {
 
 impl StreamHandler<Inbound> for SessionActor {
     fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
+        // A bug met while handling one session's packet must end that
+        // session only, and cleanly: presence hears it went away.
+        let handled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.on_inbound(item, ctx)));
+        if handled.is_err() {
+            log::error!(
+                "session {} ({}): handler panicked; closed",
+                self.session,
+                self.user
+            );
+            ctx.stop();
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl SessionActor {
+    fn on_inbound(&mut self, item: Inbound, ctx: &mut Context<Self>) {
         let body = match item {
             Inbound::Frame(body) => body,
             Inbound::Failed(FrameError::Io(e)) => {
@@ -221,6 +242,10 @@ impl StreamHandler<Inbound> for SessionActor {
         };
         match Packet::decode(&body) {
             Ok(Decoded::Known(Packet::Idle { idle_secs })) => {
+                #[cfg(feature = "failpoints")]
+                if idle_secs == crate::FAILPOINT_IDLE_SECS {
+                    panic!("failpoint: session handler panic injected");
+                }
                 let update = self.services.presence.send(SetIdle {
                     user: self.user.clone(),
                     session: self.session,
@@ -257,10 +282,6 @@ impl StreamHandler<Inbound> for SessionActor {
             }
             Err(e) => self.protocol_error(ctx, &e.to_string()),
         }
-    }
-
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        ctx.stop();
     }
 }
 
