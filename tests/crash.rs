@@ -10,57 +10,13 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{password_of, sample_data};
+use common::{password_of, sample_data, start_binary as start};
 use csm::admin::protocol::{Reply, Request};
 use csm::client::{fetch_message, send_message, Connector, Outgoing};
 use rand::Rng;
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Server {
-    child: Child,
-    message: SocketAddr,
-}
-
-fn start(dir: &Path) -> Server {
-    let (session, message) = (free_addr(), free_addr());
-    let child = Command::new(env!("CARGO_BIN_EXE_csm"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--session-addr",
-            &session.to_string(),
-            "--message-addr",
-            &message.to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    // A killed server leaves its socket file behind: wait for a live one.
-    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not restart"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child, message }
-}
 
 #[derive(Default)]
 struct Books {

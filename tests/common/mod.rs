@@ -316,3 +316,58 @@ pub fn assert_error(answer: &str, code: &str) {
         "expected one `error {code} …` line, got {answer:?}"
     );
 }
+
+/// A `csm` binary serving `dir` on free loopback ports.
+pub struct BinaryServer {
+    pub child: std::process::Child,
+    pub session: SocketAddr,
+    pub message: SocketAddr,
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts the binary and waits until its admin socket answers (a killed
+/// server leaves its socket file behind, so existence is not enough).
+pub fn start_binary(dir: &Path) -> BinaryServer {
+    let (session, message) = (free_addr(), free_addr());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--session-addr",
+            &session.to_string(),
+            "--message-addr",
+            &message.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    BinaryServer {
+        child,
+        session,
+        message,
+    }
+}
+
+impl BinaryServer {
+    pub fn kill(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
