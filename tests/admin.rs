@@ -148,13 +148,9 @@ fn locked_store_without_socket_is_a_clear_error() {
 #[tokio::test]
 async fn binary_serves_and_stops_on_sigterm_and_reuses_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
     let mut fingerprints = Vec::new();
     for round in 0..2 {
-        let (session_addr, message_addr) = (ports(), ports());
+        let (session_addr, message_addr) = (free_addr(), free_addr());
         let child = csm()
             .arg("serve")
             .arg("--data-dir")

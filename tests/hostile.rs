@@ -28,19 +28,6 @@ async fn until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Dura
     }
 }
 
-/// alice and bob signed on; bob watches.
-async fn pair(server: &TestServer) -> (SessionClient, SessionClient) {
-    for user in ["alice", "bob"] {
-        server.add_user(user, &password_of(user));
-    }
-    let mut bob = server.login("bob").await;
-    read_sign_on(&mut bob, 1, 0).await;
-    let mut alice = server.login("alice").await;
-    read_sign_on(&mut alice, 2, 0).await;
-    assert_eq!(next_status(&mut bob).await.0, "alice");
-    (alice, bob)
-}
-
 /// The server still serves: a message from alice reaches bob.
 async fn still_serving(server: &TestServer, bob: &mut SessionClient, id: &str) {
     server

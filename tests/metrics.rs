@@ -8,11 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 fn scrape(addr: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
@@ -38,7 +33,7 @@ fn value(metrics: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_are_exposed_for_prometheus() {
-    let metrics_addr = free_addr();
+    let metrics_addr = free_addr().to_string();
     let addr = metrics_addr.clone();
     let server = TestServer::start_with(move |c| c.metrics_addr = Some(addr));
     for user in ["alice", "bob"] {

@@ -9,11 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use csm::admin::protocol::{Reply, Request};
 
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 #[test]
 fn the_binary_tells_systemd_when_it_is_ready_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,9 +23,9 @@ fn the_binary_tells_systemd_when_it_is_ready_and_stopping() {
         .arg(dir.path().join("data"))
         .args([
             "--session-addr",
-            &free_addr(),
+            &free_addr().to_string(),
             "--message-addr",
-            &free_addr(),
+            &free_addr().to_string(),
         ])
         .env("NOTIFY_SOCKET", &socket_path)
         .stdout(Stdio::null())

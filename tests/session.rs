@@ -271,19 +271,6 @@ async fn login_timeout_closes_a_silent_connection() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// Signs on alice and bob; bob watches alice; returns them.
-async fn pair(server: &TestServer) -> (SessionClient, SessionClient) {
-    for user in ["alice", "bob"] {
-        server.add_user(user, &password_of(user));
-    }
-    let mut bob = server.login("bob").await;
-    read_sign_on(&mut bob, 1, 0).await;
-    let mut alice = server.login("alice").await;
-    read_sign_on(&mut alice, 2, 0).await;
-    assert_eq!(next_status(&mut bob).await.0, "alice");
-    (alice, bob)
-}
-
 /// After `alice` misbehaves, bob sees her go offline and still works.
 async fn assert_alice_closed_bob_fine(
     server: &TestServer,

@@ -103,13 +103,7 @@ async fn sighup_reloads_the_certificate_and_keeps_it_when_broken() {
         std::fs::copy(k, &key).unwrap();
     };
     install(first.path());
-    let port = |()| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (session_addr, message_addr) = (port(()), port(()));
+    let (session_addr, message_addr) = (free_addr(), free_addr());
     let data = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_csm"))
         .arg("serve")

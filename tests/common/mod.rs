@@ -324,7 +324,8 @@ pub struct BinaryServer {
     pub message: SocketAddr,
 }
 
-fn free_addr() -> SocketAddr {
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -370,4 +371,17 @@ impl BinaryServer {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
     }
+}
+
+/// Signs on alice and bob; bob watches alice; returns (alice, bob).
+pub async fn pair(server: &TestServer) -> (SessionClient, SessionClient) {
+    for user in ["alice", "bob"] {
+        server.add_user(user, &password_of(user));
+    }
+    let mut bob = server.login("bob").await;
+    read_sign_on(&mut bob, 1, 0).await;
+    let mut alice = server.login("alice").await;
+    read_sign_on(&mut alice, 2, 0).await;
+    assert_eq!(next_status(&mut bob).await.0, "alice");
+    (alice, bob)
 }
