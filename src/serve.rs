@@ -95,6 +95,11 @@ pub async fn run(
     ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    log::info!(
+        "csm {} starting; data directory {}",
+        env!("CARGO_PKG_VERSION"),
+        config.data_dir.display()
+    );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     if let Some(addr) = &config.metrics_addr {
