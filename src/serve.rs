@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Arbiter};
+use actix::Arbiter;
 use anyhow::{Context, Result};
 use csm_actors::auth::{AuthSettings, Authenticator};
 use csm_actors::mailbox::{MailboxActor, MailboxSettings};
@@ -129,11 +129,12 @@ pub async fn run(
         store_dir.display(),
         users.len()
     );
-    let presence = PresenceActor::new(users).start();
+    let presence = actix::Supervisor::start(move |_| PresenceActor::new(users));
     let mailboxes = Mailboxes::load(store.clone(), mailbox_settings(&config))?;
     let mailbox_actor = MailboxActor::new(mailboxes, commit.clone());
     let mailbox_arbiter = Arbiter::new();
-    let mailbox = MailboxActor::start_in_arbiter(&mailbox_arbiter.handle(), move |_| mailbox_actor);
+    let mailbox =
+        actix::Supervisor::start_in_arbiter(&mailbox_arbiter.handle(), move |_| mailbox_actor);
 
     let services = Arc::new(Services {
         limits: config.limits.clone(),

@@ -310,3 +310,59 @@ async fn a_panic_in_one_session_or_stream_closes_only_that_one() {
     let mut again = server.login("alice").await;
     read_sign_on(&mut again, 2, 0).await;
 }
+
+#[tokio::test]
+async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
+    let server = TestServer::start();
+    let (mut alice, mut bob) = pair(&server).await;
+    server
+        .send("alice", "before", &["bob"], &sample_data("before"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut bob).await,
+        Packet::MessageAvailable { .. }
+    ));
+
+    // The mailbox actor panics on this message: the sender is told to try
+    // again (the actor stopped before it could answer), and the actor comes
+    // back with its index reloaded from the store.
+    match server
+        .send(
+            "alice",
+            csm_actors::FAILPOINT_MAILBOX_ID,
+            &["bob"],
+            &sample_data("x"),
+        )
+        .await
+    {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unavailable),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        server.receive("bob", "before").await.unwrap().data,
+        sample_data("before")
+    );
+    still_serving(&server, &mut bob, "after-mailbox-panic").await;
+
+    // The presence actor panics on this packet and comes back with the
+    // sessions it had: presence keeps flowing.
+    alice
+        .send(&Packet::Idle {
+            idle_secs: csm_actors::FAILPOINT_PRESENCE_IDLE_SECS,
+        })
+        .await
+        .unwrap();
+    alice.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
+    assert_eq!(next_status(&mut bob).await.1, Status::Idle);
+    alice.send(&Packet::NotIdle {}).await.unwrap();
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Back, None)
+    );
+    server.add_user("carol", &password_of("carol"));
+    let mut carol = server.login("carol").await;
+    let (users, statuses, _) = read_sign_on(&mut carol, 3, 0).await;
+    assert_eq!(users, vec!["alice", "bob", "carol"]);
+    assert_eq!(statuses.len(), 3);
+}

@@ -24,3 +24,33 @@ pub const FAILPOINT_IDLE_SECS: u64 = u64::MAX - 7;
 /// Failpoint: a message stream with this id panics its handler.
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_MESSAGE_ID: &str = "failpoint:panic";
+
+/// Failpoint: a message with this id panics the mailbox actor.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_MAILBOX_ID: &str = "failpoint:mailbox-panic";
+
+/// Failpoint: an `Idle` with this `idle_secs` panics the presence actor.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_PRESENCE_IDLE_SECS: u64 = u64::MAX - 9;
+
+/// Runs `work` for an actor; a panic inside it stops the actor, so that its
+/// supervisor restarts it with rebuilt state, and yields `fallback`.
+pub(crate) fn contain<A, T>(
+    ctx: &mut A::Context,
+    what: &str,
+    work: impl FnOnce() -> T,
+    fallback: impl FnOnce() -> T,
+) -> T
+where
+    A: actix::Actor<Context = actix::Context<A>>,
+{
+    use actix::ActorContext;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(value) => value,
+        Err(_) => {
+            log::error!("{what} panicked; the actor restarts with its state rebuilt");
+            ctx.stop();
+            fallback()
+        }
+    }
+}

@@ -112,6 +112,17 @@ impl MailboxActor {
     }
 }
 
+/// Restarted by its supervisor after a contained panic: the index is
+/// reloaded from the store, which holds the truth; subscriptions stay.
+impl actix::Supervised for MailboxActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        match self.mailboxes.reload() {
+            Ok(mailboxes) => self.mailboxes = mailboxes,
+            Err(e) => log::error!("reloading the mailboxes after a restart failed: {e}"),
+        }
+    }
+}
+
 impl Actor for MailboxActor {
     type Context = Context<Self>;
 
@@ -128,8 +139,25 @@ impl Actor for MailboxActor {
 impl Handler<Deliver> for MailboxActor {
     type Result = ResponseActFuture<Self, Result<(), StreamError>>;
 
-    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
-        let seq = match self.mailboxes.store_message(&msg) {
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
+        let mailboxes = &mut self.mailboxes;
+        let stored = crate::contain::<Self, _>(
+            ctx,
+            "the mailbox actor",
+            || {
+                #[cfg(feature = "failpoints")]
+                if msg.id == crate::FAILPOINT_MAILBOX_ID {
+                    panic!("failpoint: mailbox actor panic injected");
+                }
+                mailboxes.store_message(&msg)
+            },
+            || {
+                Err(internal(
+                    "the mailbox failed on this message; it was not stored",
+                ))
+            },
+        );
+        let seq = match stored {
             Ok(Stored::New(seq)) => {
                 metrics::counter!(crate::metrics::MESSAGES_STORED).increment(1);
                 seq

@@ -149,6 +149,11 @@ impl Mailboxes {
         Ok(mailboxes)
     }
 
+    /// A fresh index from the store, with the same settings.
+    pub fn reload(&self) -> Result<Mailboxes, StoreError> {
+        Mailboxes::load(self.store.clone(), self.settings.clone())
+    }
+
     /// Messages and bytes waiting, in all mailboxes.
     pub fn totals(&self) -> (usize, u64) {
         self.total

@@ -129,6 +129,19 @@ impl PresenceActor {
     }
 }
 
+/// Restarted by its supervisor after a contained panic. The sessions are
+/// the truth about who is online, and they stay registered; what is
+/// derived from them (the encoded user list) is rebuilt.
+impl actix::Supervised for PresenceActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.user_list_frames = None;
+        self.online.retain(|_, user| {
+            user.sessions.retain(|_, link| !link.outbound.is_closed());
+            !user.sessions.is_empty()
+        });
+    }
+}
+
 impl Actor for PresenceActor {
     type Context = Context<Self>;
 
@@ -197,7 +210,17 @@ impl Handler<Unregister> for PresenceActor {
 impl Handler<SetIdle> for PresenceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SetIdle, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: SetIdle, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, "the presence actor", || self.set_idle(msg), || ());
+    }
+}
+
+impl PresenceActor {
+    fn set_idle(&mut self, msg: SetIdle) {
+        #[cfg(feature = "failpoints")]
+        if msg.idle_secs == crate::FAILPOINT_PRESENCE_IDLE_SECS {
+            panic!("failpoint: presence actor panic injected");
+        }
         let now = Instant::now();
         let Some(online) = self.online.get_mut(&msg.user) else {
             return;
