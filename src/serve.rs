@@ -171,6 +171,7 @@ pub async fn run(
     ));
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
+    actix_rt::spawn(exit_on_store_failure(services.store.clone()));
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
     log::info!("ready; certificate SHA-256 fingerprint {fingerprint}");
@@ -262,6 +263,22 @@ async fn reload_on_sighup(
             Err(e) => {
                 log::error!("certificate reload failed, keeping the current certificate: {e:#}")
             }
+        }
+    }
+}
+
+/// A store that failed a write (a full disk, an I/O error) cannot go on in
+/// this process (sled stays failed until reopened), so the server exits
+/// with status 1 and its service manager starts it again on a fresh store
+/// handle. Everything acknowledged is already on disk, which is what makes
+/// exiting safe; a send that failed was answered with an error, not `done`.
+async fn exit_on_store_failure(store: Arc<dyn Store>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(error) = store.failed() {
+            log::error!("the store failed ({error}); exiting with status 1 so that the service manager restarts csm");
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+            std::process::exit(1);
         }
     }
 }

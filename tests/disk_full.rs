@@ -1,7 +1,8 @@
 //! A full disk: on a small tmpfs that the test mounts, a send that cannot
 //! be stored is answered with an error line, never `done`, and stores
-//! nothing; everything acknowledged before is kept; once space returns and
-//! the server restarts, it serves again. Needs root to mount; where that is
+//! nothing; everything acknowledged before is kept; the server exits with
+//! status 1 for its service manager to restart it, and once space returns
+//! the restarted server serves again. Needs root to mount; where that is
 //! not allowed the test says so and does nothing.
 
 mod common;
@@ -100,9 +101,21 @@ async fn a_full_disk_refuses_sends_and_recovers() {
     eprintln!("disk full after {filled} messages of 1 MiB: {error}");
 
     // sled 0.34.7 stays failed after a write error until the store is
-    // reopened, so space comes back together with a restart (as systemd's
-    // Restart=on-failure, or an operator, would do it).
-    server.kill();
+    // reopened, so the server exits with status 1 for its service manager
+    // (systemd's Restart=on-failure) to start it again.
+    let mut child = server.child;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server must exit after its store failed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
     std::fs::remove_file(&ballast).unwrap();
     let server = start_binary(&data_dir);
     assert_eq!(

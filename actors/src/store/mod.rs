@@ -110,6 +110,11 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every write before it durable.
     fn flush(&self) -> Result<(), StoreError>;
 
+    /// The error that left the store unable to go on, if one did.
+    fn failed(&self) -> Option<String> {
+        None
+    }
+
     /// Writes a copy of the whole store into a new store at `dir` and
     /// flushes it. The copy is consistent when no writes run meanwhile (the
     /// server runs it on the mailbox actor, which does every message write).

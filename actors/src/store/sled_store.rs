@@ -31,6 +31,9 @@ const ID: u8 = b'i';
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
+    /// The first write error seen. sled 0.34.7 stays failed after one
+    /// (every later call errors) until the database is opened again.
+    failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl SledStore {
@@ -38,7 +41,19 @@ impl SledStore {
     /// holds it.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
-        Ok(SledStore { db })
+        Ok(SledStore {
+            db,
+            failure: Default::default(),
+        })
+    }
+
+    /// Remembers the first I/O error of a write.
+    fn watch<T>(&self, result: Result<T, sled::Error>) -> Result<T, StoreError> {
+        if let Err(sled::Error::Io(e)) = &result {
+            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| e.to_string());
+        }
+        Ok(result?)
     }
 }
 
@@ -141,7 +156,7 @@ impl Store for SledStore {
             batch.insert(mailbox_key(recipient, seq), &[][..]);
         }
         batch.insert(key(ID, header.id.as_bytes()), encode(id_record));
-        self.db.apply_batch(batch)?;
+        self.watch(self.db.apply_batch(batch))?;
         Ok(())
     }
 
@@ -161,7 +176,7 @@ impl Store for SledStore {
             batch.remove(seq_key(HEADER, seq));
             batch.remove(seq_key(DATA, seq));
         }
-        self.db.apply_batch(batch)?;
+        self.watch(self.db.apply_batch(batch))?;
         Ok(())
     }
 
@@ -209,8 +224,15 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.watch(self.db.flush())?;
         Ok(())
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn backup(&self, dir: &Path) -> Result<(), StoreError> {
