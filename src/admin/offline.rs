@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use csm_actors::auth::hash_password;
 use csm_actors::mailboxes::{MailboxSettings, Mailboxes};
-use csm_actors::proto::lines::{ErrorCode, StreamError};
 use csm_actors::store::{unix_now, SledStore, Store, StoreError, UserRecord};
 
 use super::protocol::{
@@ -36,13 +35,6 @@ fn open(data_dir: &Path) -> Result<Arc<SledStore>, Failure> {
 fn mailboxes(store: &Arc<SledStore>) -> Result<Mailboxes, Failure> {
     // Quotas do not matter here: the offline admin only reads and deletes.
     Mailboxes::load(store.clone(), MailboxSettings::default()).map_err(Failure::internal)
-}
-
-fn stream_failure(e: StreamError) -> Failure {
-    match e.code {
-        ErrorCode::NoSuchMessage => Failure::not_found(e.text),
-        _ => Failure::internal(e),
-    }
 }
 
 fn flushed(store: &SledStore, message: String) -> Outcome {
@@ -86,7 +78,7 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
             }
             let dropped = mailboxes(&store)?
                 .purge(&name, None)
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             flushed(
                 &store,
                 format!("user {name} removed ({dropped} waiting messages deleted)"),
@@ -120,7 +112,7 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
         Request::MailboxList { user } => {
             let items = mailboxes(&store)?
                 .list(user.as_deref())
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             Ok(Reply::Mailbox { items })
         }
         Request::MailboxShow {
@@ -130,7 +122,7 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
         } => {
             let fetched = mailboxes(&store)?
                 .fetch(&user, &id)
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             Ok(Reply::Message {
                 message: MessageView::new(fetched, with_data)?,
             })
@@ -138,7 +130,7 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
         Request::MailboxDelete { user, id } => {
             if !mailboxes(&store)?
                 .remove(&user, &id)
-                .map_err(stream_failure)?
+                .map_err(Failure::from_stream)?
             {
                 return Err(Failure::not_found(format!(
                     "no message {id} in the mailbox of {user}"
@@ -155,7 +147,7 @@ pub fn execute(data_dir: &Path, request: Request) -> Outcome {
         } => {
             let purged = mailboxes(&store)?
                 .purge(&user, cutoff(older_than_secs))
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             flushed(
                 &store,
                 format!("{purged} messages purged from the mailbox of {user}"),

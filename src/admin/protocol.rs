@@ -89,6 +89,14 @@ impl Failure {
         }
     }
 
+    /// A mailbox error as the admin reports it.
+    pub fn from_stream(e: csm_actors::proto::lines::StreamError) -> Failure {
+        match e.code {
+            csm_actors::proto::lines::ErrorCode::NoSuchMessage => Failure::not_found(e.text),
+            _ => Failure::internal(e),
+        }
+    }
+
     pub fn internal(message: impl std::fmt::Display) -> Failure {
         Failure {
             kind: FailureKind::Internal,

@@ -14,7 +14,7 @@ use csm_actors::messages::{
     Backup, DropMailbox, Fetch, ListMailbox, ListOnline, MailboxStatsRequest, Purge, Remove,
     UserAdded, UserRemoved,
 };
-use csm_actors::proto::lines::{read_line, ErrorCode, StreamError};
+use csm_actors::proto::lines::read_line;
 use csm_actors::proto::Status;
 use csm_actors::services::Services;
 use csm_actors::store::{unix_now, StoreError, UserRecord};
@@ -104,13 +104,6 @@ async fn handle(stream: UnixStream, services: Arc<Services>, data_dir: PathBuf) 
     let _ = writer.shutdown().await;
 }
 
-fn stream_failure(e: StreamError) -> Failure {
-    match e.code {
-        ErrorCode::NoSuchMessage => Failure::not_found(e.text),
-        _ => Failure::internal(e),
-    }
-}
-
 async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outcome {
     let mailbox = &services.mailbox;
     let unreachable = |e: actix::MailboxError| Failure::internal(format!("mailbox actor: {e}"));
@@ -163,7 +156,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .send(DropMailbox { user: name.clone() })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             services.commit.commit().await.map_err(Failure::internal)?;
             metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(dropped as u64);
             log::info!("admin: user {name} removed with {dropped} waiting messages");
@@ -227,7 +220,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .send(ListMailbox { user })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             Ok(Reply::Mailbox { items })
         }
         Request::MailboxShow {
@@ -239,7 +232,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .send(Fetch { user, id })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             Ok(Reply::Message {
                 message: MessageView::new(fetched, with_data)?,
             })
@@ -252,7 +245,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             if !removed {
                 return Err(Failure::not_found(format!(
                     "no message {id} in the mailbox of {user}"
@@ -273,7 +266,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(purged as u64);
             log::info!("admin: {purged} messages purged from the mailbox of {user}");
             done(format!(
@@ -293,7 +286,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .send(Backup { dir: target })
                 .await
                 .map_err(unreachable)?
-                .map_err(stream_failure)?;
+                .map_err(Failure::from_stream)?;
             backup_tls(data_dir, &dir)?;
             log::info!("admin: store backed up to {dir}");
             done(format!("backup written to {dir}"))
