@@ -34,9 +34,11 @@ impl Link {
     }
 }
 
-#[derive(Default)]
 struct OnlineUser {
     sessions: HashMap<SessionId, Link>,
+    /// This user's `StatusChange ONLINE` frame, encoded once: every
+    /// sign-on snapshot and the user's own `ONLINE` broadcast reuse it.
+    online_frame: Bytes,
 }
 
 impl OnlineUser {
@@ -51,10 +53,19 @@ impl OnlineUser {
         shortest
     }
 
-    fn status_packet(&self, user: &str, now: Instant) -> Packet {
+    fn new(user: &str) -> OnlineUser {
+        OnlineUser {
+            sessions: HashMap::new(),
+            online_frame: Bytes::from(status(user, Status::Online, None).to_frame()),
+        }
+    }
+
+    /// Appends this user's current status frame; only an idle user's,
+    /// whose idle time moves, is encoded afresh.
+    fn write_status(&self, user: &str, now: Instant, out: &mut Vec<u8>) {
         match self.idle_secs(now) {
-            Some(secs) => status(user, Status::Idle, Some(secs)),
-            None => status(user, Status::Online, None),
+            Some(secs) => status(user, Status::Idle, Some(secs)).write_frame(out),
+            None => out.extend_from_slice(&self.online_frame),
         }
     }
 }
@@ -103,7 +114,11 @@ impl PresenceActor {
 
     /// Queues `packet` on every session of every user but `except`.
     fn broadcast_except(&self, except: &str, packet: &Packet) {
-        let frame = Bytes::from(packet.to_frame());
+        self.broadcast_frame_except(except, Bytes::from(packet.to_frame()));
+    }
+
+    /// Queues an encoded frame on every session of every user but `except`.
+    fn broadcast_frame_except(&self, except: &str, frame: Bytes) {
         let mut queued = 0u64;
         for (user, online) in &self.online {
             if user != except {
@@ -160,7 +175,10 @@ impl Handler<Register> for PresenceActor {
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
         let now = Instant::now();
         let user_list = self.user_list_frames();
-        let online = self.online.entry(msg.user.clone()).or_default();
+        let online = self
+            .online
+            .entry(msg.user.clone())
+            .or_insert_with(|| OnlineUser::new(&msg.user));
         let first = online.sessions.is_empty();
         let was_idle = online.idle_secs(now).is_some();
         online.sessions.insert(
@@ -175,11 +193,12 @@ impl Handler<Register> for PresenceActor {
         let mut snapshot = Vec::with_capacity(user_list.len() + self.online.len() * 40);
         snapshot.extend_from_slice(&user_list);
         for (user, online) in &self.online {
-            online.status_packet(user, now).write_frame(&mut snapshot);
+            online.write_status(user, now, &mut snapshot);
         }
         msg.outbound.push(Bytes::from(snapshot));
         if first {
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Online, None));
+            let frame = self.online[&msg.user].online_frame.clone();
+            self.broadcast_frame_except(&msg.user, frame);
         } else if was_idle {
             self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
         }
