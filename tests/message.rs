@@ -229,6 +229,11 @@ async fn malformed_requests() {
             format!("alice\n{pw}\n\nsend\n").into_bytes(),
             false,
         ),
+        (
+            "id of 257 bytes",
+            format!("alice\n{pw}\n{}\nsend\n", "i".repeat(257)).into_bytes(),
+            false,
+        ),
         ("header cut short", b"alice\n".to_vec(), true),
         (
             "no recipients",

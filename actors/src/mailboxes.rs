@@ -434,3 +434,58 @@ impl Mailboxes {
         &self.settings
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn deliver(id: &str, to: &str) -> Deliver {
+        Deliver {
+            sender: "alice".into(),
+            id: id.into(),
+            recipients: vec![to.into()],
+            data: vec![0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn ids_are_kept_for_their_retention_and_while_their_message_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let keep_a_day = MailboxSettings::default();
+        let mut mailboxes = Mailboxes::load(store.clone(), keep_a_day).unwrap();
+        for id in ["waiting", "received"] {
+            let Ok(Stored::New(seq)) = mailboxes.store_message(&deliver(id, "bob")) else {
+                panic!()
+            };
+            mailboxes.mark_committed(seq, &["bob".to_string()]);
+        }
+        assert!(mailboxes.remove("bob", "received").unwrap());
+        mailboxes.prune_ids();
+        assert!(
+            store.get_id("received").unwrap().is_some(),
+            "remembered within the retention"
+        );
+
+        let no_retention = MailboxSettings {
+            id_retention: Duration::ZERO,
+            ..MailboxSettings::default()
+        };
+        let mut mailboxes = Mailboxes::load(store.clone(), no_retention).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        mailboxes.prune_ids();
+        assert!(
+            store.get_id("received").unwrap().is_none(),
+            "forgotten after the retention"
+        );
+        assert!(
+            store.get_id("waiting").unwrap().is_some(),
+            "kept while its message waits"
+        );
+        assert!(matches!(
+            mailboxes.store_message(&deliver("waiting", "bob")),
+            Ok(Stored::Retry(_))
+        ));
+    }
+}
