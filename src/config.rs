@@ -116,6 +116,9 @@ impl Config {
                 bail!("{name} must be at least 1");
             }
         }
+        if l.presence_changes_per_sec == 0 {
+            bail!("limits.presence_changes_per_sec must be at least 1");
+        }
         if l.frame_bytes > u32::MAX as usize {
             bail!("limits.frame_bytes must fit in the 4-byte length prefix");
         }

@@ -366,3 +366,32 @@ async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
     assert_eq!(users, vec!["alice", "bob", "carol"]);
     assert_eq!(statuses.len(), 3);
 }
+
+#[tokio::test]
+async fn toggling_idle_in_a_loop_is_closed_not_fanned_out() {
+    let server = TestServer::start_with(|c| c.limits.presence_changes_per_sec = 10);
+    let (mut alice, mut bob) = pair(&server).await;
+    for n in 0..40 {
+        let packet = if n % 2 == 0 {
+            Packet::Idle { idle_secs: 0 }
+        } else {
+            Packet::NotIdle {}
+        };
+        if alice.send(&packet).await.is_err() {
+            break;
+        }
+    }
+    assert_closed(&mut alice).await;
+    let mut seen = 0;
+    loop {
+        match next_status(&mut bob).await {
+            (user, Status::Offline, _) if user == "alice" => break,
+            _ => seen += 1,
+        }
+    }
+    assert!(
+        seen <= 10,
+        "at most the allowed changes reached bob ({seen})"
+    );
+    still_serving(&server, &mut bob, "after-toggling").await;
+}

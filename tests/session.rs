@@ -406,7 +406,10 @@ async fn a_silent_session_is_not_closed_for_silence() {
 
 #[tokio::test]
 async fn a_peer_that_stops_reading_is_closed_not_buffered() {
-    let server = TestServer::start_with(|c| c.limits.session_queue = 8);
+    let server = TestServer::start_with(|c| {
+        c.limits.session_queue = 8;
+        c.limits.presence_changes_per_sec = u32::MAX;
+    });
     for user in ["alice", "bob", "carol"] {
         server.add_user(user, &password_of(user));
     }

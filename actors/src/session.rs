@@ -102,6 +102,7 @@ where
             peer,
             outbound,
             services: services_for_actor,
+            presence_window: (std::time::Instant::now(), 0),
         }
     });
     let end = writer_task.await;
@@ -144,9 +145,29 @@ pub struct SessionActor {
     peer: SocketAddr,
     outbound: Outbound,
     services: Arc<Services>,
+    /// Start of the current second and the Idle/NotIdle packets in it.
+    presence_window: (std::time::Instant, u32),
 }
 
 impl SessionActor {
+    /// Each Idle/NotIdle fans out to every other user, so one client
+    /// toggling in a loop would multiply its traffic by the user count:
+    /// past the per-second limit the session is closed. False if it was.
+    fn within_presence_rate(&mut self, ctx: &mut Context<Self>) -> bool {
+        let now = std::time::Instant::now();
+        let (start, count) = &mut self.presence_window;
+        if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        if *count > self.services.limits.presence_changes_per_sec {
+            self.protocol_error(ctx, "Idle/NotIdle packets faster than the limit");
+            return false;
+        }
+        true
+    }
+
     fn protocol_error(&mut self, ctx: &mut Context<Self>, what: &str) {
         log::info!(
             "session {} ({} from {}): {what}; closed",
@@ -241,6 +262,8 @@ impl SessionActor {
             Inbound::Failed(e) => return self.protocol_error(ctx, &e.to_string()),
         };
         match Packet::decode(&body) {
+            Ok(Decoded::Known(Packet::Idle { .. } | Packet::NotIdle {}))
+                if !self.within_presence_rate(ctx) => {}
             Ok(Decoded::Known(Packet::Idle { idle_secs })) => {
                 #[cfg(feature = "failpoints")]
                 if idle_secs == crate::FAILPOINT_IDLE_SECS {

@@ -36,6 +36,9 @@ pub struct Limits {
     pub connections_per_address: usize,
     /// Bytes a session's writer gathers into one write.
     pub write_coalesce_bytes: usize,
+    /// Idle/NotIdle packets one session may send per second before it is
+    /// closed (each one fans out to every other online user).
+    pub presence_changes_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             connections: 60_000,
             connections_per_address: 4096,
             write_coalesce_bytes: 64 * 1024,
+            presence_changes_per_sec: 20,
         }
     }
 }
