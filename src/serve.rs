@@ -65,6 +65,7 @@ pub fn mailbox_settings(config: &Config) -> MailboxSettings {
         max_messages: config.limits.mailbox_messages,
         max_bytes: config.limits.mailbox_bytes,
         id_retention: config.timeouts.id_retention(),
+        disk_reserve: config.limits.disk_reserve_bytes,
     }
 }
 

@@ -14,6 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{password_of, sample_data, start_binary as start};
+use csm_actors::proto::data::{Attachment, MessageData};
+
+/// Data past the spool threshold, different for each id.
+fn large_data(id: &str) -> Vec<u8> {
+    let body: Vec<u8> = id.bytes().cycle().take(100 * 1024).collect();
+    MessageData::new(id, vec![Attachment::new("large.bin", body)])
+        .encode()
+        .expect("encodable")
+}
 use csm::admin::protocol::{Reply, Request};
 use csm::client::{fetch_message, send_message, Connector, Outgoing};
 use rand::Rng;
@@ -65,8 +74,13 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
                     let mut n = first;
                     loop {
                         let id = format!("crash-{n}");
+                        // Every eighth is large enough to live in a spool file.
+                        let data = if n % 8 == 0 {
+                            large_data(&id)
+                        } else {
+                            sample_data(&id)
+                        };
                         n += 1;
-                        let data = sample_data(&id);
                         books.lock().unwrap().sent.insert(id.clone(), data.clone());
                         let outgoing = Outgoing {
                             username: "alice",
@@ -172,6 +186,16 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
         };
         assert_eq!(message.size, b.sent[&item.id].len() as u64);
     }
+    // Opening the store removed the files of messages removed or refused
+    // around a kill: one spool file per large message still waiting.
+    let large_waiting = items
+        .iter()
+        .filter(|i| i.size as usize >= csm_actors::store::SPOOL_FROM_BYTES)
+        .count();
+    let spool_files = std::fs::read_dir(csm::config::store_dir(dir.path()).join("spool"))
+        .unwrap()
+        .count();
+    assert_eq!(spool_files, large_waiting, "spool files leaked or lost");
     let Reply::Users { users, .. } = csm::admin::execute(dir.path(), Request::UserList).unwrap()
     else {
         panic!()

@@ -1,20 +1,27 @@
-//! A full disk: on a small tmpfs that the test mounts, a send that cannot
-//! be stored is answered with an error line, never `done`, and stores
-//! nothing; everything acknowledged before is kept; the server exits with
-//! status 1 for its service manager to restart it, and once space returns
-//! the restarted server serves again. Needs root to mount; where that is
-//! not allowed the test says so and does nothing.
+//! A full disk, on a small tmpfs that each test mounts. With the disk
+//! reserve on (the default), a send that would eat into it is answered
+//! `unavailable` before anything is written, the server keeps serving
+//! sign-ons, receives and removals, and takes sends again as soon as space
+//! returns, all in the same process. With the reserve off, the write itself
+//! fails: the send is answered `internal`, never `done`, and the server
+//! exits with status 1 for its service manager to restart it, with
+//! everything acknowledged kept. Needs root to mount; where that is not
+//! allowed the tests say so and do nothing.
 
 mod common;
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
-use csm::client::{receive_message, send_message, ClientError, Outgoing};
+use csm::client::{receive_message, send_message, ClientError, Connector, Outgoing, Received};
 use csm_actors::proto::data::{Attachment, MessageData};
+use csm_actors::proto::Packet;
 
-struct Mount(std::path::PathBuf);
+struct Mount(PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
@@ -41,105 +48,318 @@ fn big(n: usize) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test]
-async fn a_full_disk_refuses_sends_and_recovers() {
-    let outer = tempfile::tempdir().unwrap();
-    let mnt = outer.path().join("small");
-    let Some(_mount) = mount_tmpfs(&mnt, "64m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
-        return;
-    };
-    // Space to give back later.
-    let ballast = mnt.join("ballast");
-    std::fs::write(&ballast, vec![0u8; 24 << 20]).unwrap();
-    let data_dir = mnt.join("data");
-    let server = start_binary(&data_dir);
-    let connector = csm::client::Connector::for_data_dir(&data_dir).unwrap();
-    for user in ["alice", "bob"] {
-        let request = csm::admin::protocol::Request::UserAdd {
-            name: user.into(),
-            password: password_of(user),
-        };
-        csm::admin::execute(&data_dir, request).unwrap();
-    }
-    let send = |id: String, data: Vec<u8>, addr| {
-        let connector = connector.clone();
-        async move {
-            let recipients = vec!["bob".to_string()];
-            let pw = password_of("alice");
-            let outgoing = Outgoing {
-                username: "alice",
-                password: &pw,
-                id: &id,
-                recipients: &recipients,
-                data: &data,
-            };
-            send_message(&connector, addr, &outgoing).await
-        }
-    };
-    let receive = |id: String, addr| {
-        let connector = connector.clone();
-        async move { receive_message(&connector, addr, "bob", &password_of("bob"), &id).await }
-    };
-    let first = sample_data("before the disk filled");
-    send("first".into(), first.clone(), server.message)
-        .await
-        .unwrap();
+/// 16 KiB of data: small enough to be kept inside the database.
+fn small(n: usize) -> Vec<u8> {
+    MessageData::new(
+        &format!("small {n}"),
+        vec![Attachment::new("blob", vec![n as u8; 16 * 1024])],
+    )
+    .encode()
+    .unwrap()
+}
 
-    let mut refused = None;
+/// A 64 MiB tmpfs holding `ballast` (space to give back later) and a data
+/// directory with alice and bob.
+struct SmallDisk {
+    _outer: tempfile::TempDir,
+    _mount: Mount,
+    ballast: PathBuf,
+    data_dir: PathBuf,
+    config: PathBuf,
+}
+
+impl SmallDisk {
+    fn new(disk_reserve_bytes: u64) -> Option<SmallDisk> {
+        let outer = tempfile::tempdir().unwrap();
+        let mnt = outer.path().join("small");
+        let mount = mount_tmpfs(&mnt, "64m")?;
+        let ballast = mnt.join("ballast");
+        std::fs::write(&ballast, vec![0u8; 24 << 20]).unwrap();
+        let config = outer.path().join("csm.toml");
+        std::fs::write(
+            &config,
+            format!("[limits]\ndisk_reserve_bytes = {disk_reserve_bytes}\n"),
+        )
+        .unwrap();
+        let data_dir = mnt.join("data");
+        for user in ["alice", "bob"] {
+            let request = csm::admin::protocol::Request::UserAdd {
+                name: user.into(),
+                password: password_of(user),
+            };
+            csm::admin::execute(&data_dir, request).unwrap();
+        }
+        Some(SmallDisk {
+            _outer: outer,
+            _mount: mount,
+            ballast,
+            data_dir,
+            config,
+        })
+    }
+
+    fn start(&self) -> BinaryServer {
+        start_binary_with(
+            &self.data_dir,
+            &[OsStr::new("--config"), self.config.as_os_str()],
+        )
+    }
+
+    fn connector(&self) -> Connector {
+        Connector::for_data_dir(&self.data_dir).unwrap()
+    }
+}
+
+async fn send(
+    connector: &Connector,
+    addr: SocketAddr,
+    id: &str,
+    data: &[u8],
+) -> Result<(), ClientError> {
+    let recipients = vec!["bob".to_string()];
+    let pw = password_of("alice");
+    let outgoing = Outgoing {
+        username: "alice",
+        password: &pw,
+        id,
+        recipients: &recipients,
+        data,
+    };
+    send_message(connector, addr, &outgoing).await
+}
+
+async fn receive(
+    connector: &Connector,
+    addr: SocketAddr,
+    id: &str,
+) -> Result<Received, ClientError> {
+    receive_message(connector, addr, "bob", &password_of("bob"), id).await
+}
+
+/// Sends 1 MiB messages `fill-N` until one is refused; returns how many
+/// were acknowledged and the refusal.
+async fn fill(
+    connector: &Connector,
+    addr: SocketAddr,
+) -> (usize, csm_actors::proto::lines::StreamError) {
     for n in 0..200 {
-        match send(format!("fill-{n}"), big(n), server.message).await {
+        match send(connector, addr, &format!("fill-{n}"), &big(n)).await {
             Ok(()) => continue,
-            Err(ClientError::Refused(e)) => {
-                refused = Some((n, e));
-                break;
-            }
+            Err(ClientError::Refused(e)) => return (n, e),
             Err(e) => panic!("a full disk must be answered with an error line: {e}"),
         }
     }
-    let (filled, error) = refused.expect("the disk filled up");
-    eprintln!("disk full after {filled} messages of 1 MiB: {error}");
+    panic!("200 MiB went onto a 64 MiB disk");
+}
 
-    // sled 0.34.7 stays failed after a write error until the store is
-    // reopened, so the server exits with status 1 for its service manager
-    // (systemd's Restart=on-failure) to start it again.
+fn assert_no_such_message(result: Result<Received, ClientError>, why: &str) {
+    match result {
+        Err(ClientError::Refused(e)) => assert!(e.text.contains("no such message"), "{why}: {e}"),
+        other => panic!("{why}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_sends_keeps_receiving_and_recovers_in_place() {
+    let Some(disk) = SmallDisk::new(8 << 20) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut server = disk.start();
+    let connector = disk.connector();
+    let addr = server.message;
+    let first = sample_data("before the disk filled");
+    send(&connector, addr, "first", &first).await.unwrap();
+
+    let (filled, error) = fill(&connector, addr).await;
+    eprintln!("disk low after {filled} messages of 1 MiB: {error}");
+    assert!(filled >= 10, "the disk took only {filled} messages");
+    assert_eq!(error.code.as_str(), "unavailable", "{error}");
+    assert!(error.text.contains("low on disk space"), "{error}");
+    // Still refused, and the retry of the refused one is refused too.
+    for _ in 0..3 {
+        match send(&connector, addr, &format!("fill-{filled}"), &big(filled)).await {
+            Err(ClientError::Refused(e)) => assert_eq!(e.code.as_str(), "unavailable"),
+            other => panic!("sends stay refused while the disk is low: {other:?}"),
+        }
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server keeps running on a low disk"
+    );
+
+    // Sign-ons work and list every acknowledged message.
+    let mut bob =
+        csm::client::SessionClient::login(&connector, server.session, "bob", &password_of("bob"))
+            .await
+            .unwrap();
+    let mut waiting = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting.len() < filled + 1 {
+        assert!(Instant::now() < deadline, "sign-on listed {waiting:?}");
+        if let Some(Packet::MessageAvailable { id, .. }) =
+            bob.next_packet(Duration::from_secs(5)).await.unwrap()
+        {
+            waiting.push(id);
+        }
+    }
+    assert_eq!(waiting[0], "first");
+    assert_eq!(waiting[filled], format!("fill-{}", filled - 1));
+
+    // Receives and their removals work on the low disk.
+    assert_eq!(
+        receive(&connector, addr, "first").await.unwrap().data,
+        first
+    );
+    assert_no_such_message(
+        receive(&connector, addr, "first").await,
+        "received and removed",
+    );
+    for n in 0..3 {
+        assert_eq!(
+            receive(&connector, addr, &format!("fill-{n}"))
+                .await
+                .unwrap()
+                .data,
+            big(n)
+        );
+    }
+
+    // Space returns: sends are taken again, in the same process.
+    std::fs::remove_file(&disk.ballast).unwrap();
+    send(&connector, addr, "after", &sample_data("after"))
+        .await
+        .unwrap();
+    send(&connector, addr, &format!("fill-{filled}"), &big(filled))
+        .await
+        .unwrap();
+    let notice = bob.next_packet(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        matches!(&notice, Some(Packet::MessageAvailable { id, .. }) if id == "after"),
+        "{notice:?}"
+    );
+    bob.close().await;
+    assert!(server.child.try_wait().unwrap().is_none());
+
+    // Everything acknowledged and not received is still there after a
+    // restart; what was received stays gone.
+    server.kill();
+    let server = disk.start();
+    let addr = server.message;
+    for n in 3..=filled {
+        let id = format!("fill-{n}");
+        assert_eq!(
+            receive(&connector, addr, &id).await.unwrap().data,
+            big(n),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        receive(&connector, addr, "after").await.unwrap().data,
+        sample_data("after")
+    );
+    assert_no_such_message(
+        receive(&connector, addr, "fill-0").await,
+        "received before the restart",
+    );
+    server.kill();
+}
+
+#[tokio::test]
+async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
+    let Some(disk) = SmallDisk::new(0) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let server = disk.start();
+    let connector = disk.connector();
+    let addr = server.message;
+    let first = sample_data("before the disk filled");
+    send(&connector, addr, "first", &first).await.unwrap();
+
+    // Large data goes to a file of its own; a file that does not fit is an
+    // error for that send only, and the server goes on.
+    let (filled, error) = fill(&connector, addr).await;
+    eprintln!("disk full after {filled} messages of 1 MiB: {error}");
+    assert_eq!(error.code.as_str(), "internal", "{error}");
+    assert!(error.text.contains("No space left"), "{error}");
     let mut child = server.child;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a failed file write is not fatal"
+    );
+    assert_eq!(
+        receive(&connector, addr, "fill-0").await.unwrap().data,
+        big(0)
+    );
+
+    // Small data goes into the database, which cannot go on after a failed
+    // write (sled 0.34.7 stays failed until reopened): the send is refused
+    // and the server exits with status 1 for its service manager
+    // (systemd's Restart=on-failure) to start it again.
+    let mut small_sends = 0;
+    let small_refused = loop {
+        let data = small(small_sends);
+        match send(&connector, addr, &format!("small-{small_sends}"), &data).await {
+            Ok(()) => small_sends += 1,
+            Err(ClientError::Refused(e)) => break e,
+            Err(e) => panic!("a full disk must be answered with an error line: {e}"),
+        }
+        assert!(small_sends < 10_000, "small sends never failed");
+    };
+    eprintln!("database full after {small_sends} more sends of 16 KiB: {small_refused}");
+    assert_eq!(small_refused.code.as_str(), "internal", "{small_refused}");
+    let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
-            std::time::Instant::now() < deadline,
-            "the server must exit after its store failed"
+            Instant::now() < deadline,
+            "the server must exit after its database failed"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(1));
-    std::fs::remove_file(&ballast).unwrap();
-    let server = start_binary(&data_dir);
+
+    std::fs::remove_file(&disk.ballast).unwrap();
+    let server = disk.start();
+    let addr = server.message;
     assert_eq!(
-        receive("first".into(), server.message).await.unwrap().data,
+        receive(&connector, addr, "first").await.unwrap().data,
         first,
         "acknowledged before the disk filled"
     );
-    for n in 0..filled {
+    for n in 1..filled {
         let id = format!("fill-{n}");
         assert_eq!(
-            receive(id.clone(), server.message).await.unwrap().data,
+            receive(&connector, addr, &id).await.unwrap().data,
             big(n),
             "{id} was acknowledged, so it is kept"
         );
     }
-    match receive(format!("fill-{filled}"), server.message).await {
-        Err(ClientError::Refused(e)) => assert!(e.text.contains("no such message"), "{e}"),
-        other => panic!("the refused send must not be stored: {other:?}"),
+    for n in 0..small_sends {
+        let id = format!("small-{n}");
+        assert_eq!(
+            receive(&connector, addr, &id).await.unwrap().data,
+            small(n),
+            "{id} was acknowledged, so it is kept"
+        );
     }
-    send("after".into(), sample_data("after"), server.message)
+    assert_no_such_message(receive(&connector, addr, "fill-0").await, "received before");
+    assert_no_such_message(
+        receive(&connector, addr, &format!("fill-{filled}")).await,
+        "the refused send must not be stored",
+    );
+    assert_no_such_message(
+        receive(&connector, addr, &format!("small-{small_sends}")).await,
+        "the refused send must not be stored",
+    );
+    send(&connector, addr, "after", &sample_data("after"))
         .await
         .unwrap();
     assert_eq!(
-        receive("after".into(), server.message).await.unwrap().data,
+        receive(&connector, addr, "after").await.unwrap().data,
         sample_data("after")
     );
     server.kill();

@@ -22,6 +22,8 @@ pub struct MailboxSettings {
     pub max_bytes: u64,
     /// How long an accepted message id is remembered for retries.
     pub id_retention: Duration,
+    /// Free bytes on the store's filesystem that sends never use.
+    pub disk_reserve: u64,
 }
 
 impl Default for MailboxSettings {
@@ -30,6 +32,7 @@ impl Default for MailboxSettings {
             max_messages: 10_000,
             max_bytes: 1 << 30,
             id_retention: Duration::from_secs(24 * 3600),
+            disk_reserve: 64 << 20,
         }
     }
 }
@@ -114,6 +117,9 @@ pub struct Mailboxes {
     holders: HashMap<u64, usize>,
     /// Entries and bytes in all mailboxes.
     total: (usize, u64),
+    /// Sends are being refused for want of disk space (logged once per
+    /// spell, not once per send).
+    disk_low: bool,
 }
 
 impl Mailboxes {
@@ -125,6 +131,7 @@ impl Mailboxes {
             boxes: HashMap::new(),
             holders: HashMap::new(),
             total: (0, 0),
+            disk_low: false,
         };
         let mut headers: HashMap<u64, Option<MessageHeader>> = HashMap::new();
         for entry in mailboxes.store.mailbox_entries()? {
@@ -221,6 +228,7 @@ impl Mailboxes {
                 "message id already used for another message",
             ));
         }
+        self.check_disk_space(size)?;
         let seq = self.store.next_seq().map_err(internal)?;
         let now = unix_now();
         let header = MessageHeader {
@@ -243,6 +251,41 @@ impl Mailboxes {
             self.insert_entry(recipient, seq, &header, false);
         }
         Ok(Stored::New(seq))
+    }
+
+    /// Refuses a send of `size` bytes that would eat into the disk reserve.
+    /// The store fails for good on a write error (sled 0.34.7 needs a
+    /// reopen), so the refusal must come before the write: this keeps the
+    /// server receiving and removing on a full disk, and sending again as
+    /// soon as space returns.
+    fn check_disk_space(&mut self, size: u64) -> Result<(), StreamError> {
+        let reserve = self.settings.disk_reserve;
+        let Some(free) = self.store.free_space().filter(|_| reserve > 0) else {
+            return Ok(());
+        };
+        metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
+        // The data, its header and the store's own bookkeeping.
+        let needed = size.saturating_add(64 * 1024);
+        if free >= reserve.saturating_add(needed) {
+            if std::mem::take(&mut self.disk_low) {
+                log::warn!("disk space back ({free} bytes free): accepting sends again");
+            }
+            return Ok(());
+        }
+        if !std::mem::replace(&mut self.disk_low, true) {
+            log::error!(
+                "disk space low: {free} bytes free, {reserve} kept in reserve; \
+                 refusing sends until space returns"
+            );
+        }
+        metrics::counter!(crate::metrics::SENDS_REFUSED_DISK_LOW).increment(1);
+        Err(StreamError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the server is low on disk space ({free} bytes free, {reserve} kept in reserve); \
+                 try again later"
+            ),
+        ))
     }
 
     /// Marks the message's entries committed; returns the entry and the

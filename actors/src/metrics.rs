@@ -34,3 +34,7 @@ pub const SLOW_READER_CLOSES: &str = "csm_slow_reader_disconnects_total";
 pub const HANDSHAKE_FAILURES: &str = "csm_handshake_failures_total";
 /// Counter: message streams answered with an error line, by `code`.
 pub const STREAM_ERRORS: &str = "csm_message_stream_errors_total";
+/// Counter: sends refused because the store's disk is down to its reserve.
+pub const SENDS_REFUSED_DISK_LOW: &str = "csm_sends_refused_disk_low_total";
+/// Gauge: free bytes on the store's filesystem, as of the last send.
+pub const DISK_FREE_BYTES: &str = "csm_disk_free_bytes";

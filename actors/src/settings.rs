@@ -39,6 +39,10 @@ pub struct Limits {
     /// Idle/NotIdle packets one session may send per second before it is
     /// closed (each one fans out to every other online user).
     pub presence_changes_per_sec: u32,
+    /// Free bytes kept on the store's filesystem: a send that would leave
+    /// less is answered `unavailable` before anything is written, so that
+    /// receives, removals and the store itself keep working on a full disk.
+    pub disk_reserve_bytes: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +60,7 @@ impl Default for Limits {
             connections_per_address: 4096,
             write_coalesce_bytes: 64 * 1024,
             presence_changes_per_sec: 20,
+            disk_reserve_bytes: 64 << 20,
         }
     }
 }

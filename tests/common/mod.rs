@@ -335,6 +335,11 @@ pub fn free_addr() -> SocketAddr {
 /// Starts the binary and waits until its admin socket answers (a killed
 /// server leaves its socket file behind, so existence is not enough).
 pub fn start_binary(dir: &Path) -> BinaryServer {
+    start_binary_with(dir, &[])
+}
+
+/// [`start_binary`] with more `csm serve` arguments.
+pub fn start_binary_with(dir: &Path, args: &[&std::ffi::OsStr]) -> BinaryServer {
     let (session, message) = (free_addr(), free_addr());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
         .arg("serve")
@@ -346,6 +351,7 @@ pub fn start_binary(dir: &Path) -> BinaryServer {
             "--message-addr",
             &message.to_string(),
         ])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -5,6 +5,7 @@
 
 mod commit;
 mod sled_store;
+mod spool;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,7 @@ use thiserror::Error;
 
 pub use commit::{CommitError, Flusher, GroupCommit};
 pub use sled_store::SledStore;
+pub use spool::SPOOL_FROM_BYTES;
 
 /// A failure of the store.
 #[derive(Debug, Error)]
@@ -21,6 +23,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("message file: {0}")]
+    File(#[from] std::io::Error),
     #[error("user {0} already exists")]
     UserExists(String),
 }
@@ -109,6 +113,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every write before it durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Bytes free for the store's growth on its filesystem, when known.
+    fn free_space(&self) -> Option<u64> {
+        None
+    }
 
     /// The error that left the store unable to go on, if one did.
     fn failed(&self) -> Option<String> {

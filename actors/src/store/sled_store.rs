@@ -7,7 +7,8 @@
 //! |---|---|
 //! | `u` username | [`UserRecord`] (MessagePack) |
 //! | `h` seq (u64 BE) | [`MessageHeader`] (MessagePack) |
-//! | `d` seq (u64 BE) | the message data, raw |
+//! | `d` seq (u64 BE) | the message data, raw, when under 64 KiB |
+//! | `f` seq (u64 BE) | empty: the data is in `spool/` (see `spool.rs`) |
 //! | `b` username `00` seq (u64 BE) | empty: a mailbox entry |
 //! | `i` message id | [`IdRecord`] (MessagePack) |
 //!
@@ -19,11 +20,13 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::spool::{Spool, SPOOL_FROM_BYTES};
 use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord};
 
 const USER: u8 = b'u';
 const HEADER: u8 = b'h';
 const DATA: u8 = b'd';
+const SPOOLED: u8 = b'f';
 const MAILBOX: u8 = b'b';
 const ID: u8 = b'i';
 
@@ -31,6 +34,8 @@ const ID: u8 = b'i';
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
+    dir: std::path::PathBuf,
+    spool: std::sync::Arc<Spool>,
     /// The first write error seen. sled 0.34.7 stays failed after one
     /// (every later call errors) until the database is opened again.
     failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -41,10 +46,48 @@ impl SledStore {
     /// holds it.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
-        Ok(SledStore {
+        let store = SledStore {
             db,
+            dir: dir.to_owned(),
+            spool: std::sync::Arc::new(Spool::open(dir.join("spool"))?),
             failure: Default::default(),
-        })
+        };
+        store.reconcile_spool()?;
+        Ok(store)
+    }
+
+    /// Deletes spool files no record names (left by a crash between a
+    /// durable removal and its unlink, or before a send's batch) and
+    /// reports records whose file is missing.
+    fn reconcile_spool(&self) -> Result<(), StoreError> {
+        let files: std::collections::HashSet<u64> = self.spool.list()?.into_iter().collect();
+        let recorded = self.spooled_seqs()?;
+        let orphans: Vec<u64> = files
+            .iter()
+            .copied()
+            .filter(|seq| !recorded.contains(seq))
+            .collect();
+        if !orphans.is_empty() {
+            log::info!("removing {} unreferenced spool files", orphans.len());
+            self.spool.unlink(&orphans);
+        }
+        for seq in recorded.iter().filter(|seq| !files.contains(seq)) {
+            log::error!("message {seq} is recorded but its spool file {seq:016x} is missing");
+        }
+        Ok(())
+    }
+
+    fn spooled_seqs(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
+        self.db
+            .scan_prefix([SPOOLED])
+            .map(|item| {
+                let (k, _) = item?;
+                let seq: [u8; 8] = k[1..]
+                    .try_into()
+                    .map_err(|_| corrupt(&k, "bad spool key"))?;
+                Ok(u64::from_be_bytes(seq))
+            })
+            .collect()
     }
 
     /// Remembers the first I/O error of a write.
@@ -99,6 +142,10 @@ fn corrupt(key: &[u8], detail: &str) -> StoreError {
 }
 
 impl Store for SledStore {
+    fn free_space(&self) -> Option<u64> {
+        fs2::available_space(&self.dir).ok()
+    }
+
     fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
         let k = key(USER, name.as_bytes());
         self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
@@ -149,15 +196,25 @@ impl Store for SledStore {
         data: &[u8],
         id_record: &IdRecord,
     ) -> Result<(), StoreError> {
+        // A failed file write leaves the database untouched and usable.
+        let spooled = data.len() >= SPOOL_FROM_BYTES;
         let mut batch = sled::Batch::default();
         batch.insert(seq_key(HEADER, seq), encode(header));
-        batch.insert(seq_key(DATA, seq), data);
+        if spooled {
+            self.spool.write(seq, data)?;
+            batch.insert(seq_key(SPOOLED, seq), &[][..]);
+        } else {
+            batch.insert(seq_key(DATA, seq), data);
+        }
         for recipient in &header.recipients {
             batch.insert(mailbox_key(recipient, seq), &[][..]);
         }
         batch.insert(key(ID, header.id.as_bytes()), encode(id_record));
-        self.watch(self.db.apply_batch(batch))?;
-        Ok(())
+        let applied = self.watch(self.db.apply_batch(batch));
+        if applied.is_err() && spooled {
+            self.spool.unlink(&[seq]);
+        }
+        applied
     }
 
     fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError> {
@@ -166,17 +223,28 @@ impl Store for SledStore {
     }
 
     fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(seq_key(DATA, seq))?.map(|v| v.to_vec()))
+        if let Some(inline) = self.db.get(seq_key(DATA, seq))? {
+            return Ok(Some(inline.to_vec()));
+        }
+        if !self.db.contains_key(seq_key(SPOOLED, seq))? {
+            return Ok(None);
+        }
+        Ok(Some(self.spool.read(seq)?))
     }
 
     fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         batch.remove(mailbox_key(user, seq));
+        let spooled = last && self.db.contains_key(seq_key(SPOOLED, seq))?;
         if last {
             batch.remove(seq_key(HEADER, seq));
             batch.remove(seq_key(DATA, seq));
+            batch.remove(seq_key(SPOOLED, seq));
         }
         self.watch(self.db.apply_batch(batch))?;
+        if spooled {
+            self.spool.remove_after_flush(seq);
+        }
         Ok(())
     }
 
@@ -224,7 +292,9 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        let removed = self.spool.take_pending();
         self.watch(self.db.flush())?;
+        self.spool.unlink(&removed);
         Ok(())
     }
 
@@ -238,6 +308,11 @@ impl Store for SledStore {
     fn backup(&self, dir: &Path) -> Result<(), StoreError> {
         let copy = sled::Config::new().path(dir).create_new(true).open()?;
         copy.import(self.db.export());
+        let spool = Spool::open(dir.join("spool"))?;
+        for seq in self.spooled_seqs()? {
+            self.spool.copy_to(seq, &spool)?;
+        }
+        spool.sync()?;
         copy.flush()?;
         Ok(())
     }
@@ -324,5 +399,75 @@ mod tests {
         let al: Vec<_> = entries.iter().filter(|e| e.user == "al").collect();
         assert_eq!(al.len(), 1);
         assert_eq!(al[0].seq, 100);
+    }
+
+    fn spool_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn large_data_lives_in_a_spool_file_until_its_removal_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..SPOOL_FROM_BYTES + 1).map(|i| i as u8).collect();
+        let small = vec![1u8; SPOOL_FROM_BYTES - 1];
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .put_message(7, &header("big", &["bob"]), &big, &id_record(7))
+            .unwrap();
+        store
+            .put_message(8, &header("small", &["bob"]), &small, &id_record(8))
+            .unwrap();
+        store.flush().unwrap();
+        assert_eq!(spool_files(dir.path()), vec![format!("{:016x}", 7)]);
+        assert_eq!(store.message_data(7).unwrap().unwrap(), big);
+        assert_eq!(store.message_data(8).unwrap().unwrap(), small);
+
+        store.remove_entry("bob", 7, true).unwrap();
+        assert!(store.message_data(7).unwrap().is_none());
+        assert_eq!(
+            spool_files(dir.path()).len(),
+            1,
+            "unlinked only after a flush"
+        );
+        store.flush().unwrap();
+        assert!(spool_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn reopening_removes_orphan_files_and_backups_carry_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![9u8; SPOOL_FROM_BYTES * 2];
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .put_message(3, &header("kept", &["bob"]), &big, &id_record(3))
+                .unwrap();
+            store
+                .put_message(4, &header("gone", &["bob"]), &big, &id_record(4))
+                .unwrap();
+            store.remove_entry("bob", 4, true).unwrap();
+            // A crash after this flush, before the unlink, leaves the file.
+            store.db.flush().unwrap();
+            std::fs::write(dir.path().join("spool/not-a-spool-file"), b"x").unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            spool_files(dir.path()),
+            vec![format!("{:016x}", 3), "not-a-spool-file".to_string()]
+        );
+        assert_eq!(store.message_data(3).unwrap().unwrap(), big);
+
+        let backup = tempfile::tempdir().unwrap();
+        let copy_dir = backup.path().join("copy");
+        store.backup(&copy_dir).unwrap();
+        drop(store);
+        let copy = SledStore::open(&copy_dir).unwrap();
+        assert_eq!(copy.message_data(3).unwrap().unwrap(), big);
+        assert!(copy.message_data(4).unwrap().is_none());
     }
 }

@@ -1,0 +1,126 @@
+//! Large message data in files of its own, one per message, beside the
+//! database. sled keeps values inside its B-tree leaves and rewrites a
+//! whole leaf (up to sixteen values) when it consolidates one, so a 16 MiB
+//! message there could cost hundreds of MiB of writes and of transient
+//! disk space. A file is written once, read once per receive and unlinked
+//! once; the database only records that the file exists.
+//!
+//! Order of durability: a file is written and synced, with its directory,
+//! before the database batch that names it, so a record never outlives a
+//! crash without its file. A file is unlinked only after the flush that
+//! made its removal durable, so a crash in between leaves an orphan file,
+//! which the next open deletes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Data of at least this many bytes goes to a spool file.
+pub const SPOOL_FROM_BYTES: usize = 64 * 1024;
+
+/// The spool directory of one store.
+pub struct Spool {
+    dir: PathBuf,
+    /// Files whose removal waits for the next flush.
+    unlink_after_flush: Mutex<Vec<u64>>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`.
+    pub fn open(dir: PathBuf) -> io::Result<Spool> {
+        fs::create_dir_all(&dir)?;
+        Ok(Spool {
+            dir,
+            unlink_after_flush: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:016x}"))
+    }
+
+    /// Writes the data of message `seq` and makes it durable. On failure
+    /// (a full disk) nothing is left behind.
+    pub fn write(&self, seq: u64, data: &[u8]) -> io::Result<()> {
+        let path = self.path(seq);
+        let written = write_synced(&path, data).and_then(|()| sync_dir(&self.dir));
+        if written.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        written
+    }
+
+    pub fn read(&self, seq: u64) -> io::Result<Vec<u8>> {
+        fs::read(self.path(seq))
+    }
+
+    /// Unlinks the file of `seq` once the next flush has completed.
+    pub fn remove_after_flush(&self, seq: u64) {
+        self.pending().push(seq);
+    }
+
+    /// The removals a flush that starts now covers.
+    pub fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.pending())
+    }
+
+    /// Unlinks files whose removal is durable.
+    pub fn unlink(&self, seqs: &[u64]) {
+        for &seq in seqs {
+            match fs::remove_file(self.path(seq)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("could not remove spool file {seq:016x}: {e}"),
+            }
+        }
+    }
+
+    /// The message numbers that have a file, in no particular order;
+    /// names that are not spool files are skipped with a warning.
+    pub fn list(&self) -> io::Result<Vec<u64>> {
+        let mut seqs = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let parsed = name
+                .to_str()
+                .filter(|n| n.len() == 16)
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            match parsed {
+                Some(seq) => seqs.push(seq),
+                None => log::warn!("stray file {name:?} in the spool directory left alone"),
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Copies the file of `seq` into another spool, synced.
+    pub fn copy_to(&self, seq: u64, other: &Spool) -> io::Result<()> {
+        write_synced(&other.path(seq), &self.read(seq)?)
+    }
+
+    /// Syncs the directory after copies into it.
+    pub fn sync(&self) -> io::Result<()> {
+        sync_dir(&self.dir)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.unlink_after_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.write_all(data)?;
+    file.sync_data()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
