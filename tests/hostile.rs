@@ -368,6 +368,65 @@ async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
 }
 
 #[tokio::test]
+async fn every_handler_of_the_central_actors_is_contained() {
+    let server = TestServer::start();
+    let (mut alice, mut bob) = pair(&server).await;
+    server
+        .send("alice", "kept", &["bob"], &sample_data("kept"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut bob).await,
+        Packet::MessageAvailable { .. }
+    ));
+
+    // A receive that panics the mailbox actor is refused; the message it
+    // asked for was never there, the others still are.
+    match server.receive("bob", csm_actors::FAILPOINT_FETCH_ID).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Internal, "{e}");
+            assert!(e.text.contains("restarts, try again"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        server.receive("bob", "kept").await.unwrap().data,
+        sample_data("kept")
+    );
+    still_serving(&server, &mut bob, "after-fetch-panic").await;
+
+    // A sign-on that panics the presence actor closes that session only;
+    // presence comes back with the sessions it had.
+    let user = csm_actors::FAILPOINT_REGISTER_USER;
+    server.add_user(user, &password_of(user));
+    assert!(matches!(next(&mut bob).await, Packet::AddUser { .. }));
+    let mut failing = server.login(user).await;
+    assert_closed(&mut failing).await;
+    alice.send(&Packet::Idle { idle_secs: 3 }).await.unwrap();
+    assert_eq!(
+        next_status(&mut bob).await,
+        ("alice".into(), Status::Idle, Some(3))
+    );
+    server.add_user("carol", &password_of("carol"));
+    assert!(matches!(next(&mut bob).await, Packet::AddUser { .. }));
+    let mut carol = server.login("carol").await;
+    let (users, statuses, _) = read_sign_on(&mut carol, 3, 0).await;
+    assert_eq!(users, vec!["alice", "bob", "carol", user]);
+    let online: Vec<&str> = statuses.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(
+        online,
+        ["alice", "bob", "carol"],
+        "the failed sign-on is not online"
+    );
+    let more = carol.next_packet(Duration::from_millis(300)).await;
+    assert!(
+        !matches!(more, Ok(Some(_))),
+        "nothing more after the sign-on: {more:?}"
+    );
+    still_serving(&server, &mut bob, "after-register-panic").await;
+}
+
+#[tokio::test]
 async fn toggling_idle_in_a_loop_is_closed_not_fanned_out() {
     let server = TestServer::start_with(|c| c.limits.presence_changes_per_sec = 10);
     let (mut alice, mut bob) = pair(&server).await;

@@ -29,6 +29,14 @@ pub const FAILPOINT_MESSAGE_ID: &str = "failpoint:panic";
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_MAILBOX_ID: &str = "failpoint:mailbox-panic";
 
+/// Failpoint: receiving the message with this id panics the mailbox actor.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_FETCH_ID: &str = "failpoint:fetch-panic";
+
+/// Failpoint: signing on as this user panics the presence actor.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_REGISTER_USER: &str = "failpoint.register";
+
 /// Failpoint: an `Idle` with this `idle_secs` panics the presence actor.
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_PRESENCE_IDLE_SECS: u64 = u64::MAX - 9;

@@ -36,6 +36,15 @@ fn commit_error(e: CommitError) -> StreamError {
     }
 }
 
+const ACTOR: &str = "the mailbox actor";
+
+/// The answer to a request whose handling panicked: the actor restarts with
+/// its index reloaded from the store, and nothing of the request is kept
+/// unless it was already durable.
+fn failed_here() -> StreamError {
+    internal("the mailbox failed on this request; it restarts, try again")
+}
+
 /// Owns the mailboxes at run time; see the module doc.
 pub struct MailboxActor {
     mailboxes: Mailboxes,
@@ -93,19 +102,31 @@ impl MailboxActor {
         Box::pin(
             async move { commit.commit().await.map_err(commit_error) }
                 .into_actor(self)
-                .map(move |result, actor, _| {
-                    actor.publish();
-                    result.and_then(|()| then(actor))
+                .map(move |result, actor, ctx| {
+                    crate::contain::<Self, _>(
+                        ctx,
+                        ACTOR,
+                        || {
+                            actor.publish();
+                            result.and_then(|()| then(actor))
+                        },
+                        || Err(failed_here()),
+                    )
                 }),
         )
     }
 
-    /// Runs a change now, then answers once it is durable.
-    fn change<T: 'static>(
+    /// Runs a change now, then answers once it is durable; a panic in the
+    /// change restarts the actor and answers `internal`.
+    fn contained_change<T: 'static>(
         &mut self,
+        ctx: &mut Context<Self>,
         change: impl FnOnce(&mut Mailboxes) -> Result<T, StreamError>,
     ) -> ResponseActFuture<Self, Result<T, StreamError>> {
-        match change(&mut self.mailboxes) {
+        let mailboxes = &mut self.mailboxes;
+        let changed =
+            crate::contain::<Self, _>(ctx, ACTOR, || change(mailboxes), || Err(failed_here()));
+        match changed {
             Ok(value) => self.commit_then(move |_| Ok(value)),
             Err(e) => Box::pin(actix::fut::ready(Err(e))),
         }
@@ -143,7 +164,7 @@ impl Handler<Deliver> for MailboxActor {
         let mailboxes = &mut self.mailboxes;
         let stored = crate::contain::<Self, _>(
             ctx,
-            "the mailbox actor",
+            ACTOR,
             || {
                 #[cfg(feature = "failpoints")]
                 if msg.id == crate::FAILPOINT_MAILBOX_ID {
@@ -151,11 +172,7 @@ impl Handler<Deliver> for MailboxActor {
                 }
                 mailboxes.store_message(&msg)
             },
-            || {
-                Err(internal(
-                    "the mailbox failed on this message; it was not stored",
-                ))
-            },
+            || Err(failed_here()),
         );
         let seq = match stored {
             Ok(Stored::New(seq)) => {
@@ -178,64 +195,103 @@ impl Handler<Deliver> for MailboxActor {
 impl Handler<Fetch> for MailboxActor {
     type Result = Result<Fetched, StreamError>;
 
-    fn handle(&mut self, msg: Fetch, _: &mut Context<Self>) -> Self::Result {
-        self.mailboxes.fetch(&msg.user, &msg.id)
+    fn handle(&mut self, msg: Fetch, ctx: &mut Context<Self>) -> Self::Result {
+        let mailboxes = &self.mailboxes;
+        crate::contain::<Self, _>(
+            ctx,
+            ACTOR,
+            || {
+                #[cfg(feature = "failpoints")]
+                if msg.id == crate::FAILPOINT_FETCH_ID {
+                    panic!("failpoint: mailbox actor panic injected in a receive");
+                }
+                mailboxes.fetch(&msg.user, &msg.id)
+            },
+            || Err(failed_here()),
+        )
     }
 }
 
 impl Handler<Remove> for MailboxActor {
     type Result = ResponseActFuture<Self, Result<bool, StreamError>>;
 
-    fn handle(&mut self, msg: Remove, _: &mut Context<Self>) -> Self::Result {
-        self.change(|m| m.remove(&msg.user, &msg.id))
+    fn handle(&mut self, msg: Remove, ctx: &mut Context<Self>) -> Self::Result {
+        self.contained_change(ctx, |m| m.remove(&msg.user, &msg.id))
     }
 }
 
 impl Handler<Purge> for MailboxActor {
     type Result = ResponseActFuture<Self, Result<usize, StreamError>>;
 
-    fn handle(&mut self, msg: Purge, _: &mut Context<Self>) -> Self::Result {
-        self.change(|m| m.purge(&msg.user, msg.older_than_unix))
+    fn handle(&mut self, msg: Purge, ctx: &mut Context<Self>) -> Self::Result {
+        self.contained_change(ctx, |m| m.purge(&msg.user, msg.older_than_unix))
     }
 }
 
 impl Handler<DropMailbox> for MailboxActor {
     type Result = ResponseActFuture<Self, Result<usize, StreamError>>;
 
-    fn handle(&mut self, msg: DropMailbox, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: DropMailbox, ctx: &mut Context<Self>) -> Self::Result {
         self.subscribers.remove(&msg.user);
-        self.change(|m| m.purge(&msg.user, None))
+        self.contained_change(ctx, |m| m.purge(&msg.user, None))
     }
 }
 
 impl Handler<Backup> for MailboxActor {
     type Result = Result<(), StreamError>;
 
-    fn handle(&mut self, msg: Backup, _: &mut Context<Self>) -> Self::Result {
-        self.mailboxes.backup(&msg.dir)
+    fn handle(&mut self, msg: Backup, ctx: &mut Context<Self>) -> Self::Result {
+        let mailboxes = &self.mailboxes;
+        crate::contain::<Self, _>(
+            ctx,
+            ACTOR,
+            || mailboxes.backup(&msg.dir),
+            || Err(failed_here()),
+        )
     }
 }
 
 impl Handler<ListMailbox> for MailboxActor {
     type Result = Result<Vec<crate::mailboxes::MailboxItem>, StreamError>;
 
-    fn handle(&mut self, msg: ListMailbox, _: &mut Context<Self>) -> Self::Result {
-        self.mailboxes.list(msg.user.as_deref())
+    fn handle(&mut self, msg: ListMailbox, ctx: &mut Context<Self>) -> Self::Result {
+        let mailboxes = &self.mailboxes;
+        crate::contain::<Self, _>(
+            ctx,
+            ACTOR,
+            || mailboxes.list(msg.user.as_deref()),
+            || Err(failed_here()),
+        )
     }
 }
 
 impl Handler<MailboxStatsRequest> for MailboxActor {
     type Result = MessageResult<MailboxStatsRequest>;
 
-    fn handle(&mut self, _: MailboxStatsRequest, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.mailboxes.stats())
+    fn handle(&mut self, _: MailboxStatsRequest, ctx: &mut Context<Self>) -> Self::Result {
+        let mailboxes = &self.mailboxes;
+        MessageResult(crate::contain::<Self, _>(
+            ctx,
+            ACTOR,
+            || mailboxes.stats(),
+            Vec::new,
+        ))
     }
 }
 
 impl Handler<Subscribe> for MailboxActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        let outbound = msg.outbound.clone();
+        // A session that cannot be told its waiting messages is closed
+        // rather than left believing there are none.
+        crate::contain::<Self, _>(ctx, ACTOR, || self.subscribe(msg), || outbound.close());
+    }
+}
+
+impl MailboxActor {
+    fn subscribe(&mut self, msg: Subscribe) {
         let mut frames = Vec::new();
         for entry in self.mailboxes.committed(&msg.user) {
             Packet::MessageAvailable {
@@ -258,12 +314,16 @@ impl Handler<Subscribe> for MailboxActor {
 impl Handler<Unsubscribe> for MailboxActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
-        if let Some(sessions) = self.subscribers.get_mut(&msg.user) {
-            sessions.remove(&msg.session);
-            if sessions.is_empty() {
-                self.subscribers.remove(&msg.user);
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        let subscribers = &mut self.subscribers;
+        let unsubscribe = || {
+            if let Some(sessions) = subscribers.get_mut(&msg.user) {
+                sessions.remove(&msg.session);
+                if sessions.is_empty() {
+                    subscribers.remove(&msg.user);
+                }
             }
-        }
+        };
+        crate::contain::<Self, _>(ctx, ACTOR, unsubscribe, || ());
     }
 }

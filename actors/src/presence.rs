@@ -169,10 +169,14 @@ impl Actor for PresenceActor {
     }
 }
 
-impl Handler<Register> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+/// The work of each handler. A handler runs it through [`crate::contain`],
+/// so that a panic stops the actor for its supervisor to restart it.
+impl PresenceActor {
+    fn register(&mut self, msg: Register) {
+        #[cfg(feature = "failpoints")]
+        if msg.user == crate::FAILPOINT_REGISTER_USER {
+            panic!("failpoint: presence actor panic injected in a sign-on");
+        }
         let now = Instant::now();
         let user_list = self.user_list_frames();
         let online = self
@@ -203,12 +207,8 @@ impl Handler<Register> for PresenceActor {
             self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
         }
     }
-}
 
-impl Handler<Unregister> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+    fn unregister(&mut self, msg: Unregister) {
         let now = Instant::now();
         let Some(online) = self.online.get_mut(&msg.user) else {
             return;
@@ -224,17 +224,7 @@ impl Handler<Unregister> for PresenceActor {
             self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
         }
     }
-}
 
-impl Handler<SetIdle> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetIdle, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, "the presence actor", || self.set_idle(msg), || ());
-    }
-}
-
-impl PresenceActor {
     fn set_idle(&mut self, msg: SetIdle) {
         #[cfg(feature = "failpoints")]
         if msg.idle_secs == crate::FAILPOINT_PRESENCE_IDLE_SECS {
@@ -256,12 +246,8 @@ impl PresenceActor {
             self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
         }
     }
-}
 
-impl Handler<SetActive> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetActive, _: &mut Context<Self>) {
+    fn set_active(&mut self, msg: SetActive) {
         let now = Instant::now();
         let Some(online) = self.online.get_mut(&msg.user) else {
             return;
@@ -274,23 +260,15 @@ impl Handler<SetActive> for PresenceActor {
             self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
         }
     }
-}
 
-impl Handler<UserAdded> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: UserAdded, _: &mut Context<Self>) {
+    fn user_added(&mut self, msg: UserAdded) {
         if self.users.insert(msg.user.clone()) {
             self.user_list_frames = None;
             self.broadcast_except("", &Packet::AddUser { username: msg.user });
         }
     }
-}
 
-impl Handler<UserRemoved> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: UserRemoved, _: &mut Context<Self>) {
+    fn user_removed(&mut self, msg: UserRemoved) {
         if self.users.remove(&msg.user) {
             self.user_list_frames = None;
         }
@@ -300,12 +278,8 @@ impl Handler<UserRemoved> for PresenceActor {
             }
         }
     }
-}
 
-impl Handler<CloseAll> for PresenceActor {
-    type Result = usize;
-
-    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> usize {
+    fn close_all(&mut self) -> usize {
         let mut closed = 0;
         for online in self.online.values() {
             for link in online.sessions.values() {
@@ -315,12 +289,8 @@ impl Handler<CloseAll> for PresenceActor {
         }
         closed
     }
-}
 
-impl Handler<ListOnline> for PresenceActor {
-    type Result = MessageResult<ListOnline>;
-
-    fn handle(&mut self, _: ListOnline, _: &mut Context<Self>) -> Self::Result {
+    fn list_online(&self) -> Vec<UserPresence> {
         let now = Instant::now();
         let list = self
             .online
@@ -347,6 +317,80 @@ impl Handler<ListOnline> for PresenceActor {
                 }
             })
             .collect();
-        MessageResult(list)
+        list
+    }
+}
+
+const ACTOR: &str = "the presence actor";
+
+impl Handler<Register> for PresenceActor {
+    type Result = ();
+
+    /// A sign-on that fails here is closed rather than left without its
+    /// snapshot.
+    fn handle(&mut self, msg: Register, ctx: &mut Context<Self>) {
+        let outbound = msg.outbound.clone();
+        crate::contain::<Self, _>(ctx, ACTOR, || self.register(msg), || outbound.close());
+    }
+}
+
+impl Handler<Unregister> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.unregister(msg), || ());
+    }
+}
+
+impl Handler<SetIdle> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetIdle, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.set_idle(msg), || ());
+    }
+}
+
+impl Handler<SetActive> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetActive, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.set_active(msg), || ());
+    }
+}
+
+impl Handler<UserAdded> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UserAdded, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.user_added(msg), || ());
+    }
+}
+
+impl Handler<UserRemoved> for PresenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UserRemoved, ctx: &mut Context<Self>) {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.user_removed(msg), || ());
+    }
+}
+
+impl Handler<CloseAll> for PresenceActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: CloseAll, ctx: &mut Context<Self>) -> usize {
+        crate::contain::<Self, _>(ctx, ACTOR, || self.close_all(), || 0)
+    }
+}
+
+impl Handler<ListOnline> for PresenceActor {
+    type Result = MessageResult<ListOnline>;
+
+    fn handle(&mut self, _: ListOnline, ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(crate::contain::<Self, _>(
+            ctx,
+            ACTOR,
+            || self.list_online(),
+            Vec::new,
+        ))
     }
 }
