@@ -311,18 +311,24 @@ async fn a_panic_in_one_session_or_stream_closes_only_that_one() {
     read_sign_on(&mut again, 2, 0).await;
 }
 
-#[tokio::test]
-async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
-    let server = TestServer::start();
-    let (mut alice, mut bob) = pair(&server).await;
+/// [`pair`], with one message from alice waiting for bob.
+async fn pair_with_waiting(server: &TestServer, id: &str) -> (SessionClient, SessionClient) {
+    let (alice, mut bob) = pair(server).await;
     server
-        .send("alice", "before", &["bob"], &sample_data("before"))
+        .send("alice", id, &["bob"], &sample_data(id))
         .await
         .unwrap();
     assert!(matches!(
         next(&mut bob).await,
         Packet::MessageAvailable { .. }
     ));
+    (alice, bob)
+}
+
+#[tokio::test]
+async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
+    let server = TestServer::start();
+    let (mut alice, mut bob) = pair_with_waiting(&server, "before").await;
 
     // The mailbox actor panics on this message: the sender is told to try
     // again (the actor stopped before it could answer), and the actor comes
@@ -370,15 +376,7 @@ async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
 #[tokio::test]
 async fn every_handler_of_the_central_actors_is_contained() {
     let server = TestServer::start();
-    let (mut alice, mut bob) = pair(&server).await;
-    server
-        .send("alice", "kept", &["bob"], &sample_data("kept"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut bob).await,
-        Packet::MessageAvailable { .. }
-    ));
+    let (mut alice, mut bob) = pair_with_waiting(&server, "kept").await;
 
     // A receive that panics the mailbox actor is refused; the message it
     // asked for was never there, the others still are.

@@ -279,7 +279,7 @@ impl PresenceActor {
         }
     }
 
-    fn close_all(&mut self) -> usize {
+    fn close_all(&mut self, _: CloseAll) -> usize {
         let mut closed = 0;
         for online in self.online.values() {
             for link in online.sessions.values() {
@@ -334,53 +334,25 @@ impl Handler<Register> for PresenceActor {
     }
 }
 
-impl Handler<Unregister> for PresenceActor {
-    type Result = ();
+/// Handlers with nothing to do after a panic but let the actor restart.
+macro_rules! contained_handler {
+    ($message:ty => $work:ident, $result:ty, $fallback:expr) => {
+        impl Handler<$message> for PresenceActor {
+            type Result = $result;
 
-    fn handle(&mut self, msg: Unregister, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.unregister(msg), || ());
-    }
+            fn handle(&mut self, msg: $message, ctx: &mut Context<Self>) -> $result {
+                crate::contain::<Self, _>(ctx, ACTOR, || self.$work(msg), $fallback)
+            }
+        }
+    };
 }
 
-impl Handler<SetIdle> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetIdle, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.set_idle(msg), || ());
-    }
-}
-
-impl Handler<SetActive> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetActive, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.set_active(msg), || ());
-    }
-}
-
-impl Handler<UserAdded> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: UserAdded, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.user_added(msg), || ());
-    }
-}
-
-impl Handler<UserRemoved> for PresenceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: UserRemoved, ctx: &mut Context<Self>) {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.user_removed(msg), || ());
-    }
-}
-
-impl Handler<CloseAll> for PresenceActor {
-    type Result = usize;
-
-    fn handle(&mut self, _: CloseAll, ctx: &mut Context<Self>) -> usize {
-        crate::contain::<Self, _>(ctx, ACTOR, || self.close_all(), || 0)
-    }
-}
+contained_handler!(Unregister => unregister, (), || ());
+contained_handler!(SetIdle => set_idle, (), || ());
+contained_handler!(SetActive => set_active, (), || ());
+contained_handler!(UserAdded => user_added, (), || ());
+contained_handler!(UserRemoved => user_removed, (), || ());
+contained_handler!(CloseAll => close_all, usize, || 0);
 
 impl Handler<ListOnline> for PresenceActor {
     type Result = MessageResult<ListOnline>;
