@@ -14,7 +14,8 @@ use csm_actors::proto::data::{Attachment, DataLimits, MessageData};
 use csm_actors::proto::frame::read_frame;
 use csm_actors::proto::lines::read_line;
 use csm_actors::proto::mutf8;
-use csm_actors::proto::{Packet, Status};
+use csm_actors::proto::packet::Decoded;
+use csm_actors::proto::{Packet, PacketError, Status};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -89,6 +90,257 @@ fn packets_survive_mutation() {
         accepted > 0 && accepted < ROUNDS,
         "mutants both accepted and refused ({accepted})"
     );
+}
+
+/// The decoder as it was first written: a generic value tree (rmpv), then
+/// serde. Kept here as the reference the direct decoder must agree with.
+fn reference_decode(body: &[u8]) -> Result<Decoded, PacketError> {
+    let mut reader = body;
+    let value = rmpv::decode::read_value_with_max_depth(&mut reader, 64)
+        .map_err(|e| PacketError::NotMessagePack(e.to_string()))?;
+    if !reader.is_empty() {
+        return Err(PacketError::TrailingBytes(reader.len()));
+    }
+    let rmpv::Value::Map(entries) = &value else {
+        return Err(PacketError::NotAMap);
+    };
+    let mut kind = None;
+    for (key, field) in entries {
+        let key = key.as_str().ok_or(PacketError::NotAMap)?;
+        if key == "type" {
+            kind = Some(field.as_str().ok_or(PacketError::NoType)?.to_owned());
+        }
+    }
+    let kind = kind.ok_or(PacketError::NoType)?;
+    let known = [
+        "Login",
+        "LoginResponse",
+        "AddUser",
+        "StatusChange",
+        "Idle",
+        "NotIdle",
+        "MessageAvailable",
+    ];
+    if !known.contains(&kind.as_str()) {
+        return Ok(Decoded::Unknown(kind));
+    }
+    rmpv::ext::from_value::<Packet>(value)
+        .map(Decoded::Known)
+        .map_err(|e| PacketError::BadField {
+            kind,
+            detail: e.to_string(),
+        })
+}
+
+/// What a decode came to, without error texts.
+fn outcome(result: &Result<Decoded, PacketError>) -> String {
+    match result {
+        Ok(decoded) => format!("{decoded:?}"),
+        Err(PacketError::BadField { kind, .. }) => format!("BadField({kind})"),
+        Err(PacketError::TrailingBytes(n)) => format!("TrailingBytes({n})"),
+        Err(PacketError::NotMessagePack(_)) => "NotMessagePack".into(),
+        Err(PacketError::NotAMap) => "NotAMap".into(),
+        Err(PacketError::NoType) => "NoType".into(),
+    }
+}
+
+/// Asserts both decoders come to the same packet or the same error;
+/// true when that is a known packet.
+fn decoders_agree(body: &[u8]) -> bool {
+    let direct = Packet::decode(body);
+    let (d, r) = (outcome(&direct), outcome(&reference_decode(body)));
+    assert_eq!(d, r, "{body:02x?}");
+    matches!(direct, Ok(Decoded::Known(_)))
+}
+
+/// Nested containers in a value, capped at 3.
+fn nesting(body: &[u8]) -> usize {
+    (0..3)
+        .find(|&depth| {
+            csm_actors::proto::msgpack::Reader::new(body)
+                .skip_value(0, depth)
+                .is_ok()
+        })
+        .unwrap_or(3)
+}
+
+#[test]
+fn direct_packet_decoding_agrees_with_the_serde_reference() {
+    let mut seeds: Vec<Vec<u8>> = [
+        Packet::Login {
+            username: "alice".into(),
+            password: "pässword".into(),
+        },
+        Packet::LoginResponse {
+            ok: false,
+            reason: Some("no".into()),
+        },
+        Packet::LoginResponse {
+            ok: true,
+            reason: None,
+        },
+        Packet::AddUser {
+            username: "carol".into(),
+        },
+        Packet::Idle { idle_secs: 300 },
+        Packet::NotIdle {},
+        Packet::StatusChange {
+            username: "bob".into(),
+            status: Status::Idle,
+            idle_secs: Some(70_000),
+        },
+        Packet::StatusChange {
+            username: "bob".into(),
+            status: Status::Back,
+            idle_secs: None,
+        },
+        Packet::MessageAvailable {
+            id: "id".into(),
+            from: "x".into(),
+            size: 1 << 40,
+        },
+    ]
+    .iter()
+    .map(Packet::to_body)
+    .collect();
+    // Unknown keys and types, and a nested unknown value.
+    let extra = rmpv::Value::Map(vec![
+        ("type".into(), "Idle".into()),
+        (
+            "later".into(),
+            rmpv::Value::Array(vec![1.into(), "x".into()]),
+        ),
+        ("idle_secs".into(), 5.into()),
+    ]);
+    let unknown = rmpv::Value::Map(vec![
+        ("to".into(), "bob".into()),
+        ("type".into(), "Typing".into()),
+    ]);
+    for value in [extra, unknown] {
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, &value).unwrap();
+        seeds.push(body);
+    }
+
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut known = 0;
+    for round in 0..ROUNDS {
+        let body = mutate(&mut rng, &seeds[round % seeds.len()]);
+        // The reference counts nesting its own way; compare flat bodies.
+        if nesting(&body) <= 2 {
+            known += usize::from(decoders_agree(&body));
+        }
+    }
+    eprintln!("{known} of {ROUNDS} mutants decoded to a known packet");
+    assert!(known > 1000, "too few mutants decode: {known}");
+}
+
+/// A random value, most often of the kind the field `key` takes.
+fn random_value(rng: &mut StdRng, key: &str, depth: usize) -> rmpv::Value {
+    use rmpv::Value;
+    let texts = [
+        "alice", "", "ONLINE", "OFFLINE", "IDLE", "BACK", "idle", "Login", "Typing",
+    ];
+    let natural = rng.gen_bool(0.6);
+    match key {
+        "type" if natural => {
+            let kinds = [
+                "Login",
+                "LoginResponse",
+                "AddUser",
+                "StatusChange",
+                "Idle",
+                "NotIdle",
+                "MessageAvailable",
+                "Typing",
+            ];
+            return kinds[rng.gen_range(0..kinds.len())].into();
+        }
+        "ok" if natural => return rng.gen::<bool>().into(),
+        "idle_secs" | "size" if natural => return rng.gen_range(0..u64::MAX).into(),
+        "status" if natural => return texts[rng.gen_range(2..6)].into(),
+        _ if natural => return texts[rng.gen_range(0..texts.len())].into(),
+        _ => {}
+    }
+    match rng.gen_range(0..10) {
+        0 => Value::Nil,
+        1 => rng.gen::<bool>().into(),
+        2 => rng.gen_range(0..300u64).into(),
+        3 => rng.gen_range(-300..0i64).into(),
+        4 => Value::F64(1.5),
+        5 => Value::Binary(texts[rng.gen_range(0..texts.len())].as_bytes().to_vec()),
+        6 => Value::Ext(1, vec![1, 2]),
+        7 if depth < 2 => Value::Array(
+            (0..rng.gen_range(0..3))
+                .map(|_| random_value(rng, "", depth + 1))
+                .collect(),
+        ),
+        8 if depth < 2 => random_map(rng, depth + 1),
+        _ => texts[rng.gen_range(0..texts.len())].into(),
+    }
+}
+
+/// A random map over the packets' keys, with repeats and strangers; half
+/// of them start from a whole packet of one kind.
+fn random_map(rng: &mut StdRng, depth: usize) -> rmpv::Value {
+    let keys = [
+        "type",
+        "type",
+        "username",
+        "password",
+        "ok",
+        "reason",
+        "status",
+        "idle_secs",
+        "id",
+        "from",
+        "size",
+        "extra",
+    ];
+    let kinds: [(&str, &[&str]); 7] = [
+        ("Login", &["username", "password"]),
+        ("LoginResponse", &["ok", "reason"]),
+        ("AddUser", &["username"]),
+        ("StatusChange", &["username", "status", "idle_secs"]),
+        ("Idle", &["idle_secs"]),
+        ("NotIdle", &[]),
+        ("MessageAvailable", &["id", "from", "size"]),
+    ];
+    let mut entries: Vec<(rmpv::Value, rmpv::Value)> = Vec::new();
+    if depth == 0 && rng.gen_bool(0.5) {
+        let (kind, fields) = kinds[rng.gen_range(0..kinds.len())];
+        entries.push(("type".into(), kind.into()));
+        for field in fields {
+            if rng.gen_range(0..10) > 0 {
+                entries.push(((*field).into(), random_value(rng, field, depth)));
+            }
+        }
+    }
+    for _ in 0..rng.gen_range(0..4) {
+        if rng.gen_range(0..20) == 0 {
+            let key = random_value(rng, "", depth + 1);
+            entries.push((key, random_value(rng, "", depth + 1)));
+        } else {
+            let key = keys[rng.gen_range(0..keys.len())];
+            entries.push((key.into(), random_value(rng, key, depth)));
+        }
+    }
+    let at = rng.gen_range(0..=entries.len());
+    entries.rotate_left(at);
+    rmpv::Value::Map(entries)
+}
+
+#[test]
+fn direct_packet_decoding_agrees_with_the_serde_reference_on_random_maps() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut known = 0;
+    for _ in 0..ROUNDS {
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, &random_map(&mut rng, 0)).unwrap();
+        known += usize::from(decoders_agree(&body));
+    }
+    eprintln!("{known} of {ROUNDS} random maps decoded to a known packet");
+    assert!(known * 20 > ROUNDS, "too few random maps decode: {known}");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 pub mod data;
 pub mod frame;
 pub mod lines;
+pub mod msgpack;
 pub mod mutf8;
 pub mod names;
 pub mod packet;

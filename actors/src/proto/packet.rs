@@ -1,12 +1,14 @@
 //! Session-stream packets: one MessagePack map with string keys per frame,
-//! the key `type` naming the packet. Decoding goes through a generic value
-//! first (with a nesting limit), so that an unknown `type` can be told apart
+//! the key `type` naming the packet. Encoding goes through serde; decoding
+//! reads the bytes directly (see `msgpack.rs`): the whole body is checked
+//! first, with a nesting limit, so that an unknown `type` can be told apart
 //! from a known packet with a field of the wrong type.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::frame::encode_frame;
+use super::msgpack::{Item, Malformed, Reader};
 
 /// Deepest nesting of MessagePack containers accepted in a packet. Packets
 /// are flat maps; anything deeper is hostile.
@@ -118,35 +120,245 @@ impl Packet {
         encode_frame(&self.to_body(), out);
     }
 
-    /// Decodes one frame body.
+    /// Decodes one frame body: first the whole body is checked as one
+    /// MessagePack value (nesting limited, nothing after it); then every key
+    /// must be a UTF-8 string and the last `type` names the packet; then the
+    /// fields of a known packet are read, unknown keys ignored.
     pub fn decode(body: &[u8]) -> Result<Decoded, PacketError> {
-        let mut reader = body;
-        let value = rmpv::decode::read_value_with_max_depth(&mut reader, MAX_NESTING)
+        let mut check = Reader::new(body);
+        check
+            .skip_value(0, MAX_NESTING)
             .map_err(|e| PacketError::NotMessagePack(e.to_string()))?;
-        if !reader.is_empty() {
-            return Err(PacketError::TrailingBytes(reader.len()));
+        if check.remaining() > 0 {
+            return Err(PacketError::TrailingBytes(check.remaining()));
         }
-        let rmpv::Value::Map(entries) = &value else {
+        let mut reader = Reader::new(body);
+        let Ok(Item::Map(entries)) = reader.next_item() else {
             return Err(PacketError::NotAMap);
         };
+        let fields = reader.clone();
         let mut kind = None;
-        for (key, field) in entries {
-            let key = key.as_str().ok_or(PacketError::NotAMap)?;
+        for _ in 0..entries {
+            let key = text(reader.next_item()).ok_or(PacketError::NotAMap)?;
             if key == "type" {
-                kind = Some(field.as_str().ok_or(PacketError::NoType)?.to_owned());
+                kind = Some(text(reader.next_item()).ok_or(PacketError::NoType)?);
+            } else {
+                skip(&mut reader);
             }
         }
         let kind = kind.ok_or(PacketError::NoType)?;
-        if !KNOWN_TYPES.contains(&kind.as_str()) {
-            return Ok(Decoded::Unknown(kind));
+        if !KNOWN_TYPES.contains(&kind) {
+            return Ok(Decoded::Unknown(kind.to_owned()));
         }
-        rmpv::ext::from_value::<Packet>(value)
-            .map(Decoded::Known)
-            .map_err(|e| PacketError::BadField {
-                kind,
-                detail: e.to_string(),
-            })
+        let bad = |detail: String| PacketError::BadField {
+            kind: kind.to_owned(),
+            detail,
+        };
+        let slots = Slots::collect(fields, entries, KnownFields::of(kind)).map_err(bad)?;
+        slots.packet(kind).map(Decoded::Known).map_err(bad)
     }
+}
+
+/// A key that is a valid UTF-8 `str`, or a value that is one.
+fn text(item: Result<Item<'_>, Malformed>) -> Option<&str> {
+    match item {
+        Ok(Item::Str(bytes)) => std::str::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+/// Skips a value the first check already found well-formed.
+fn skip(reader: &mut Reader<'_>) {
+    let checked = reader.skip_value(1, MAX_NESTING);
+    debug_assert!(checked.is_ok(), "checked before");
+}
+
+/// Every field name of every packet, as slots.
+const FIELD_NAMES: [&str; 9] = [
+    "username",
+    "password",
+    "ok",
+    "reason",
+    "status",
+    "idle_secs",
+    "id",
+    "from",
+    "size",
+];
+
+/// The fields one packet has, as indexes into [`FIELD_NAMES`].
+struct KnownFields(&'static [usize]);
+
+impl KnownFields {
+    fn of(kind: &str) -> KnownFields {
+        KnownFields(match kind {
+            "Login" => &[0, 1],
+            "LoginResponse" => &[2, 3],
+            "AddUser" => &[0],
+            "StatusChange" => &[0, 4, 5],
+            "Idle" => &[5],
+            "MessageAvailable" => &[6, 7, 8],
+            _ => &[],
+        })
+    }
+}
+
+/// The value given for each field of the packet being decoded; a container
+/// value is kept as its header only (no field takes one).
+struct Slots<'a>([Option<Item<'a>>; FIELD_NAMES.len()]);
+
+impl<'a> Slots<'a> {
+    fn collect(
+        mut reader: Reader<'a>,
+        entries: usize,
+        known: KnownFields,
+    ) -> Result<Slots<'a>, String> {
+        let mut slots = Slots([None; FIELD_NAMES.len()]);
+        let mut seen_type = false;
+        for _ in 0..entries {
+            // Every key was found to be a UTF-8 `str` already.
+            let key = match reader.next_item() {
+                Ok(Item::Str(bytes)) => bytes,
+                _ => &[],
+            };
+            if key == b"type" {
+                if std::mem::replace(&mut seen_type, true) {
+                    return Err("duplicate field `type`".into());
+                }
+                skip(&mut reader);
+                continue;
+            }
+            let slot = known
+                .0
+                .iter()
+                .copied()
+                .find(|&i| FIELD_NAMES[i].as_bytes() == key);
+            let Some(slot) = slot else {
+                skip(&mut reader);
+                continue;
+            };
+            if slots.0[slot].is_some() {
+                return Err(format!("duplicate field `{}`", FIELD_NAMES[slot]));
+            }
+            let mut value_reader = reader.clone();
+            let item = value_reader.next_item().map_err(|e| e.to_string())?;
+            skip(&mut reader);
+            slots.0[slot] = Some(item);
+        }
+        Ok(slots)
+    }
+
+    fn take(&mut self, name: &str) -> Option<Item<'a>> {
+        let slot = FIELD_NAMES.iter().position(|&n| n == name)?;
+        self.0[slot].take()
+    }
+
+    fn string(&mut self, name: &str) -> Result<String, String> {
+        let item = self
+            .take(name)
+            .ok_or_else(|| format!("missing field `{name}`"))?;
+        as_string(name, item)
+    }
+
+    fn optional_string(&mut self, name: &str) -> Result<Option<String>, String> {
+        match self.take(name) {
+            None | Some(Item::Nil) => Ok(None),
+            Some(item) => as_string(name, item).map(Some),
+        }
+    }
+
+    /// An integer field that may be absent (not nil).
+    fn uint(&mut self, name: &str) -> Result<Option<u64>, String> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(item) => as_uint(name, item).map(Some),
+        }
+    }
+
+    fn required_uint(&mut self, name: &str) -> Result<u64, String> {
+        self.uint(name)?
+            .ok_or_else(|| format!("missing field `{name}`"))
+    }
+
+    /// An `Option` field: absent or nil is `None`.
+    fn optional_uint(&mut self, name: &str) -> Result<Option<u64>, String> {
+        match self.take(name) {
+            None | Some(Item::Nil) => Ok(None),
+            Some(item) => as_uint(name, item).map(Some),
+        }
+    }
+
+    fn packet(mut self, kind: &str) -> Result<Packet, String> {
+        Ok(match kind {
+            "Login" => Packet::Login {
+                username: self.string("username")?,
+                password: self.string("password")?,
+            },
+            "LoginResponse" => Packet::LoginResponse {
+                ok: match self.take("ok") {
+                    Some(Item::Bool(ok)) => ok,
+                    Some(other) => return Err(format!("`ok` is {other:?}, not a boolean")),
+                    None => return Err("missing field `ok`".into()),
+                },
+                reason: self.optional_string("reason")?,
+            },
+            "AddUser" => Packet::AddUser {
+                username: self.string("username")?,
+            },
+            "StatusChange" => Packet::StatusChange {
+                username: self.string("username")?,
+                status: match self.take("status") {
+                    Some(Item::Str(bytes)) => status_named(bytes)?,
+                    Some(other) => return Err(format!("`status` is {other:?}, not a string")),
+                    None => return Err("missing field `status`".into()),
+                },
+                idle_secs: self.optional_uint("idle_secs")?,
+            },
+            "Idle" => Packet::Idle {
+                idle_secs: self.uint("idle_secs")?.unwrap_or(0),
+            },
+            "NotIdle" => Packet::NotIdle {},
+            "MessageAvailable" => Packet::MessageAvailable {
+                id: self.string("id")?,
+                from: self.string("from")?,
+                size: self.required_uint("size")?,
+            },
+            other => return Err(format!("no fields known for {other}")),
+        })
+    }
+}
+
+fn as_uint(name: &str, item: Item<'_>) -> Result<u64, String> {
+    match item {
+        Item::Uint(value) => Ok(value),
+        other => Err(format!("`{name}` is {other:?}, not an integer >= 0")),
+    }
+}
+
+/// A text field: a `str`, or a `bin` (as older MessagePack writers send
+/// strings), holding UTF-8.
+fn as_string(name: &str, item: Item<'_>) -> Result<String, String> {
+    match item {
+        Item::Str(bytes) | Item::Bin(bytes) => std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| format!("`{name}` is not UTF-8")),
+        other => Err(format!("`{name}` is {other:?}, not a string")),
+    }
+}
+
+fn status_named(bytes: &[u8]) -> Result<Status, String> {
+    Ok(match bytes {
+        b"ONLINE" => Status::Online,
+        b"OFFLINE" => Status::Offline,
+        b"IDLE" => Status::Idle,
+        b"BACK" => Status::Back,
+        other => {
+            return Err(format!(
+                "unknown status {:?}",
+                String::from_utf8_lossy(other)
+            ))
+        }
+    })
 }
 
 #[cfg(test)]
