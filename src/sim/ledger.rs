@@ -158,6 +158,32 @@ impl Default for Ledger {
     }
 }
 
+impl Books {
+    /// Calls `each` for every online observer's view of another user that
+    /// differs from the truth (with a way to describe it), while it says
+    /// go on.
+    fn mismatches(&self, mut each: impl FnMut(&dyn Fn() -> String) -> bool) {
+        for (observer, view) in &self.views {
+            if !self.truth.get(observer).is_some_and(|t| t.0) {
+                continue;
+            }
+            let view = view.lock().unwrap_or_else(|p| p.into_inner());
+            for (user, (online, idle)) in &self.truth {
+                let shown = view.get(user).copied();
+                let truth = online.then_some(*idle);
+                if user == observer || shown == truth {
+                    continue;
+                }
+                let describe =
+                    || format!("{observer} sees {user} as {shown:?} (idle?), truth {truth:?}");
+                if !each(&describe) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 impl Ledger {
     pub fn new() -> Ledger {
         Ledger {
@@ -371,28 +397,27 @@ impl Ledger {
             })
             .sum();
         let mut missed = books.missed_presence;
-        for (observer, view) in &books.views {
-            if !books.truth.get(observer).is_some_and(|t| t.0) {
-                continue;
-            }
-            let view = view.lock().unwrap_or_else(|p| p.into_inner());
-            for (user, (online, idle)) in &books.truth {
-                if user == observer {
-                    continue;
-                }
-                let shown = view.get(user).copied();
-                let truth = online.then_some(*idle);
-                if shown != truth {
-                    missed += 1;
-                }
-            }
-        }
+        books.mismatches(|_| {
+            missed += 1;
+            true
+        });
         Verdict {
             lost,
             duplicated: books.duplicated,
             corrupted: books.corrupted,
             missed_presence: missed,
         }
+    }
+
+    /// Up to `most` views that differ from the truth, as text, for the log
+    /// of a run that did not converge.
+    pub fn presence_mismatches(&self, most: usize) -> Vec<String> {
+        let mut found = Vec::new();
+        self.books().mismatches(|line| {
+            found.push(line());
+            found.len() < most
+        });
+        found
     }
 
     /// Latency percentiles (ms) of one metric.
@@ -507,6 +532,10 @@ mod tests {
             ledger.verdict().missed_presence,
             1,
             "b wrongly thinks a is idle"
+        );
+        assert_eq!(
+            ledger.presence_mismatches(5),
+            vec!["b sees a as Some(true) (idle?), truth Some(false)".to_string()]
         );
     }
 }

@@ -389,6 +389,9 @@ impl Driver {
                     break Some(started.elapsed().as_secs_f64());
                 }
                 if Instant::now() > deadline {
+                    for line in ledger.presence_mismatches(5) {
+                        log::warn!("presence not converged: {line}");
+                    }
                     break None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -399,9 +402,17 @@ impl Driver {
         Ok((rate, convergence))
     }
 
-    fn sign_off_all(&mut self) {
-        for (_, addr) in self.online.drain(..) {
-            addr.do_send(SignOff);
+    /// Signs every user off and returns once each has forgotten its
+    /// session, so that no late sign-off can undo the next wave's truth.
+    async fn sign_off_all(&mut self) {
+        let asked: Vec<_> = self
+            .online
+            .drain(..)
+            .map(|(_, addr)| addr.send(SignOff))
+            .collect();
+        for answer in asked {
+            // A user that stopped already has nothing left to forget.
+            let _ = answer.await;
         }
     }
 }
@@ -453,7 +464,7 @@ pub async fn run_scenario(
     let mut hold = None;
     let mut steady_from = None;
     if scenario.reconnect {
-        driver.sign_off_all();
+        driver.sign_off_all().await;
         let quiet = Instant::now();
         while ledger.quiet_for() < Duration::from_millis(500)
             && quiet.elapsed() < Duration::from_secs(30)
@@ -563,7 +574,7 @@ pub async fn run_scenario(
         hold,
         series: ledger.series(),
     };
-    driver.sign_off_all();
+    driver.sign_off_all().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     for arbiter in &driver.arbiters {
         arbiter.stop();
