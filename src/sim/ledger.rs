@@ -409,6 +409,21 @@ impl Ledger {
         }
     }
 
+    /// True when every online user's view matches the truth. Stops at the
+    /// first difference, so polling it while views still fill up is cheap
+    /// (a full verdict compares every pair of users).
+    pub fn presence_converged(&self) -> bool {
+        let books = self.books();
+        let mut converged = books.missed_presence == 0;
+        if converged {
+            books.mismatches(|_| {
+                converged = false;
+                false
+            });
+        }
+        converged
+    }
+
     /// Up to `most` views that differ from the truth, as text, for the log
     /// of a run that did not converge.
     pub fn presence_mismatches(&self, most: usize) -> Vec<String> {
@@ -533,9 +548,13 @@ mod tests {
             1,
             "b wrongly thinks a is idle"
         );
+        assert!(!ledger.presence_converged());
         assert_eq!(
             ledger.presence_mismatches(5),
             vec!["b sees a as Some(true) (idle?), truth Some(false)".to_string()]
         );
+        ledger.new_view("b").lock().unwrap().insert("a".into(), false);
+        assert!(ledger.presence_converged());
+        assert_eq!(ledger.verdict().missed_presence, 0);
     }
 }

@@ -385,7 +385,7 @@ impl Driver {
         let convergence = if check_presence {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if ledger.verdict().missed_presence == 0 {
+                if ledger.presence_converged() {
                     break Some(started.elapsed().as_secs_f64());
                 }
                 if Instant::now() > deadline {
