@@ -470,3 +470,58 @@ async fn a_peer_that_stops_reading_is_closed_not_buffered() {
     );
     drop(alice);
 }
+
+/// TCP keepalive finds the dead peers of silent sessions; it is observed
+/// on the server's sockets of both ports with `ss`, probing after the
+/// configured idle time.
+#[tokio::test]
+async fn both_ports_keep_tcp_keepalive_on() {
+    let server = TestServer::start_with(|c| c.timeouts.keepalive_secs = 30);
+    server.add_user("alice", &password_of("alice"));
+    let _alice = server.login("alice").await;
+    let _stream = server.connector.connect(server.message_addr).await.unwrap();
+    let filter = format!(
+        "( sport = :{} or sport = :{} )",
+        server.session_addr.port(),
+        server.message_addr.port()
+    );
+    // A socket with data in flight shows its retransmit timer instead:
+    // look again until both are quiet.
+    let mut sockets = String::new();
+    for _ in 0..30 {
+        let output = match std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+        {
+            Ok(output) if output.status.success() => output,
+            _ => {
+                eprintln!("SKIPPED: `ss` is not available here");
+                return;
+            }
+        };
+        sockets = String::from_utf8_lossy(&output.stdout).into_owned();
+        if sockets.matches("timer:(keepalive,").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines: Vec<&str> = sockets.lines().collect();
+    assert_eq!(lines.len(), 2, "one server socket per port: {sockets}");
+    for line in lines {
+        let timer = line
+            .split("timer:(keepalive,")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no keepalive timer: {line}"));
+        // `ss` shows the time to the first probe as e.g. `29sec` or
+        // `1min29sec`: under the 60 s default, at most the 30 s set here.
+        let shown = timer.split(',').next().unwrap_or_default();
+        let (minutes, rest) = shown.split_once("min").unwrap_or(("0", shown));
+        let secs: u64 = rest
+            .strip_suffix("sec")
+            .and_then(|s| s.parse::<u64>().ok())
+            .zip(minutes.parse::<u64>().ok())
+            .map(|(s, m)| m * 60 + s)
+            .unwrap_or_else(|| panic!("unreadable timer: {line}"));
+        assert!(secs <= 30, "probes start after keepalive_secs: {line}");
+    }
+}

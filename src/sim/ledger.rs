@@ -553,7 +553,11 @@ mod tests {
             ledger.presence_mismatches(5),
             vec!["b sees a as Some(true) (idle?), truth Some(false)".to_string()]
         );
-        ledger.new_view("b").lock().unwrap().insert("a".into(), false);
+        ledger
+            .new_view("b")
+            .lock()
+            .unwrap()
+            .insert("a".into(), false);
         assert!(ledger.presence_converged());
         assert_eq!(ledger.verdict().missed_presence, 0);
     }
