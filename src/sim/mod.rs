@@ -615,7 +615,7 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
         if driver.online.is_empty() {
             continue;
         }
-        let due_msgs = (scenario.rate * elapsed.as_secs_f64()) as u64;
+        let due_msgs = due(scenario.rate, elapsed, duration);
         let mut rng = rand::thread_rng();
         while sent < due_msgs {
             // The time this send should have started: latency counts from it.
@@ -641,7 +641,7 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
             });
             sent += 1;
         }
-        let due_toggles = (scenario.idle_rate * elapsed.as_secs_f64()) as u64;
+        let due_toggles = due(scenario.idle_rate, elapsed, duration);
         while toggled < due_toggles {
             let (_, user) = &driver.online[rng.gen_range(0..driver.online.len())];
             user.do_send(ToggleIdle);
@@ -650,6 +650,17 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
     }
     let _ = ledger;
     Ok(())
+}
+
+/// How many events of a fixed `rate` are due `elapsed` into a phase of
+/// `duration`: event k is due at k / rate, so the first at the start (and
+/// latency counted from k / rate is not inflated by one interval).
+fn due(rate: f64, elapsed: Duration, duration: Duration) -> u64 {
+    if rate <= 0.0 {
+        return 0;
+    }
+    let total = (rate * duration.as_secs_f64()) as u64;
+    ((rate * elapsed.as_secs_f64()) as u64 + 1).min(total)
 }
 
 fn progress_bar(show: bool, ledger: &Ledger) -> Option<indicatif::ProgressBar> {
@@ -686,4 +697,22 @@ fn progress_bar(show: bool, ledger: &Ledger) -> Option<indicatif::ProgressBar> {
         }
     });
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_event_is_due_at_its_own_time_and_the_total_is_kept() {
+        let duration = Duration::from_secs(10);
+        let at = Duration::from_millis;
+        // 4 per second: events at 0, 250, 500 … 9,750 ms.
+        assert_eq!(due(4.0, at(0), duration), 1, "the first at the start");
+        assert_eq!(due(4.0, at(249), duration), 1);
+        assert_eq!(due(4.0, at(250), duration), 2);
+        assert_eq!(due(4.0, at(9_750), duration), 40);
+        assert_eq!(due(4.0, duration, duration), 40, "rate × duration in all");
+        assert_eq!(due(0.0, duration, duration), 0);
+    }
 }
