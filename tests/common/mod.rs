@@ -26,7 +26,40 @@ pub struct TestServer {
     pub message_addr: SocketAddr,
     pub connector: Connector,
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    thread: Option<ServerThread>,
+}
+
+type ServerThread = JoinHandle<anyhow::Result<()>>;
+
+/// Starts a server thread and waits for it to be ready; the error of one
+/// that did not start, as text.
+fn spawn_server(
+    config: Config,
+) -> Result<(csm::serve::Ready, oneshot::Sender<()>, ServerThread), String> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let system = actix::System::new();
+        system.block_on(async move {
+            let (session, message) = csm::serve::bind(&config).await?;
+            csm::serve::run(
+                config,
+                session,
+                message,
+                move |ready| {
+                    let _ = ready_tx.send(ready);
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        })
+    });
+    match ready_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(ready) => Ok((ready, stop_tx, thread)),
+        Err(_) => Err(format!("{:?}", thread.join())),
+    }
 }
 
 impl TestServer {
@@ -56,29 +89,19 @@ impl TestServer {
             .cert
             .clone()
             .unwrap_or_else(|| csm::tls::dev_cert_paths(dir).0);
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let system = actix::System::new();
-            system.block_on(async move {
-                let (session, message) = csm::serve::bind(&config).await?;
-                csm::serve::run(
-                    config,
-                    session,
-                    message,
-                    move |ready| {
-                        let _ = ready_tx.send(ready);
-                    },
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-            })
-        });
-        let ready = match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(ready) => ready,
-            Err(_) => panic!("server did not start: {:?}", thread.join()),
+        // sled lets go of its lock file when its last background write of
+        // the previous server in this process ends, which on a loaded
+        // machine can be a moment after that server returned: retry a
+        // locked store briefly (a separate process would have exited).
+        let started = std::time::Instant::now();
+        let (ready, stop_tx, thread) = loop {
+            match spawn_server(config.clone()) {
+                Ok(running) => break running,
+                Err(e) if e.contains("could not acquire lock") && started.elapsed() < WAIT => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("server did not start: {e}"),
+            }
         };
         TestServer {
             data_dir: dir.to_owned(),
