@@ -154,6 +154,17 @@ impl SessionReader {
             tokio::time::timeout(wait, read_frame(&mut self.reader, CLIENT_FRAME_LIMIT, STEP))
                 .await
                 .map_err(|_| ClientError::Timeout("packet"))?;
+        Self::decoded(frame)
+    }
+
+    /// The next packet, waiting as long as it takes (a session may be
+    /// silent for hours); a frame once begun must still finish in time.
+    /// Saves a timer per packet where a reader has nothing else to do.
+    pub async fn recv_unbounded(&mut self) -> Result<Option<Decoded>, ClientError> {
+        Self::decoded(read_frame(&mut self.reader, CLIENT_FRAME_LIMIT, STEP).await)
+    }
+
+    fn decoded(frame: Result<Option<Vec<u8>>, FrameError>) -> Result<Option<Decoded>, ClientError> {
         match frame {
             Ok(Some(body)) => Ok(Some(Packet::decode(&body)?)),
             Ok(None) => Ok(None),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, WrapFuture};
+use csm_actors::proto::packet::Decoded;
 use csm_actors::proto::{Packet, Status};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -245,11 +246,11 @@ async fn read_session(
     let (mut users_seen, mut own_seen, mut snapshot_done) = (0usize, false, false);
     let mut statuses = 0u64;
     loop {
-        let packet = reader
-            .next_packet(Duration::from_secs(24 * 3600))
-            .await
-            .ok()
-            .flatten();
+        let packet = match reader.recv_unbounded().await {
+            Ok(Some(Decoded::Known(packet))) => Some(packet),
+            Ok(Some(Decoded::Unknown(_))) => continue,
+            Ok(None) | Err(_) => None,
+        };
         match packet {
             Some(Packet::AddUser { .. }) => users_seen += 1,
             Some(Packet::StatusChange {
