@@ -14,7 +14,7 @@ use csm_actors::proto::data::{Attachment, DataLimits, MessageData};
 use csm_actors::proto::frame::read_frame;
 use csm_actors::proto::lines::read_line;
 use csm_actors::proto::mutf8;
-use csm_actors::proto::packet::Decoded;
+use csm_actors::proto::packet::{Decoded, KNOWN_TYPES};
 use csm_actors::proto::{Packet, PacketError, Status};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -55,12 +55,23 @@ fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
 
 const ROUNDS: usize = 200_000;
 
-#[test]
-fn packets_survive_mutation() {
-    let seeds: Vec<Vec<u8>> = [
+/// Every kind of packet, encoded, to mutate from.
+fn seed_packets() -> Vec<Vec<u8>> {
+    [
         Packet::Login {
             username: "alice".into(),
             password: "pässword".into(),
+        },
+        Packet::LoginResponse {
+            ok: false,
+            reason: Some("no".into()),
+        },
+        Packet::LoginResponse {
+            ok: true,
+            reason: None,
+        },
+        Packet::AddUser {
+            username: "carol".into(),
         },
         Packet::Idle { idle_secs: 300 },
         Packet::NotIdle {},
@@ -68,6 +79,11 @@ fn packets_survive_mutation() {
             username: "bob".into(),
             status: Status::Idle,
             idle_secs: Some(70_000),
+        },
+        Packet::StatusChange {
+            username: "bob".into(),
+            status: Status::Back,
+            idle_secs: None,
         },
         Packet::MessageAvailable {
             id: "id".into(),
@@ -77,7 +93,12 @@ fn packets_survive_mutation() {
     ]
     .iter()
     .map(Packet::to_body)
-    .collect();
+    .collect()
+}
+
+#[test]
+fn packets_survive_mutation() {
+    let seeds = seed_packets();
     let mut rng = StdRng::seed_from_u64(1);
     let mut accepted = 0;
     for round in 0..ROUNDS {
@@ -112,16 +133,8 @@ fn reference_decode(body: &[u8]) -> Result<Decoded, PacketError> {
         }
     }
     let kind = kind.ok_or(PacketError::NoType)?;
-    let known = [
-        "Login",
-        "LoginResponse",
-        "AddUser",
-        "StatusChange",
-        "Idle",
-        "NotIdle",
-        "MessageAvailable",
-    ];
-    if !known.contains(&kind.as_str()) {
+
+    if !KNOWN_TYPES.contains(&kind.as_str()) {
         return Ok(Decoded::Unknown(kind));
     }
     rmpv::ext::from_value::<Packet>(value)
@@ -166,43 +179,7 @@ fn nesting(body: &[u8]) -> usize {
 
 #[test]
 fn direct_packet_decoding_agrees_with_the_serde_reference() {
-    let mut seeds: Vec<Vec<u8>> = [
-        Packet::Login {
-            username: "alice".into(),
-            password: "pässword".into(),
-        },
-        Packet::LoginResponse {
-            ok: false,
-            reason: Some("no".into()),
-        },
-        Packet::LoginResponse {
-            ok: true,
-            reason: None,
-        },
-        Packet::AddUser {
-            username: "carol".into(),
-        },
-        Packet::Idle { idle_secs: 300 },
-        Packet::NotIdle {},
-        Packet::StatusChange {
-            username: "bob".into(),
-            status: Status::Idle,
-            idle_secs: Some(70_000),
-        },
-        Packet::StatusChange {
-            username: "bob".into(),
-            status: Status::Back,
-            idle_secs: None,
-        },
-        Packet::MessageAvailable {
-            id: "id".into(),
-            from: "x".into(),
-            size: 1 << 40,
-        },
-    ]
-    .iter()
-    .map(Packet::to_body)
-    .collect();
+    let mut seeds = seed_packets();
     // Unknown keys and types, and a nested unknown value.
     let extra = rmpv::Value::Map(vec![
         ("type".into(), "Idle".into()),

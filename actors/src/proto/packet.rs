@@ -79,7 +79,8 @@ pub enum PacketError {
     BadField { kind: String, detail: String },
 }
 
-const KNOWN_TYPES: [&str; 7] = [
+/// Every packet `type` this side knows.
+pub const KNOWN_TYPES: [&str; 7] = [
     "Login",
     "LoginResponse",
     "AddUser",
