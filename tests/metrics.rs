@@ -78,5 +78,9 @@ async fn metrics_are_exposed_for_prometheus() {
         "{text}"
     );
     assert!(text.contains("csm_flush_seconds"), "{text}");
+    assert!(
+        value(&text, "csm_disk_free_bytes").is_some_and(|free| free > 0.0),
+        "{text}"
+    );
     assert!(text.contains("csm_commit_batch_size"), "{text}");
 }

@@ -154,6 +154,10 @@ impl Actor for MailboxActor {
         self.mailboxes.prune_ids();
         let every = (self.mailboxes.settings().id_retention / 24).max(Duration::from_secs(60));
         ctx.run_interval(every, |actor, _| actor.mailboxes.prune_ids());
+        self.mailboxes.publish_disk_free();
+        ctx.run_interval(Duration::from_secs(10), |actor, _| {
+            actor.mailboxes.publish_disk_free()
+        });
     }
 }
 

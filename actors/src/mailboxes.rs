@@ -253,6 +253,14 @@ impl Mailboxes {
         Ok(Stored::New(seq))
     }
 
+    /// Publishes the free space of the store's filesystem, for operators
+    /// to watch between sends too.
+    pub fn publish_disk_free(&self) {
+        if let Some(free) = self.store.free_space() {
+            metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
+        }
+    }
+
     /// Refuses a send of `size` bytes that would eat into the disk reserve.
     /// The store fails for good on a write error (sled 0.34.7 needs a
     /// reopen), so the refusal must come before the write: this keeps the
