@@ -61,12 +61,7 @@ fn install_metrics(addr: &str) -> Result<()> {
 
 /// The mailbox limits of a configuration.
 pub fn mailbox_settings(config: &Config) -> MailboxSettings {
-    MailboxSettings {
-        max_messages: config.limits.mailbox_messages,
-        max_bytes: config.limits.mailbox_bytes,
-        id_retention: config.timeouts.id_retention(),
-        disk_reserve: config.limits.disk_reserve_bytes,
-    }
+    MailboxSettings::new(&config.limits, &config.timeouts)
 }
 
 /// Binds both listeners from the configuration.

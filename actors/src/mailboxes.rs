@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::messages::{Deliver, Fetched};
 use crate::proto::data::{DataLimits, MessageData};
 use crate::proto::lines::{ErrorCode, StreamError};
+use crate::settings::{Limits, Timeouts};
 use crate::store::{unix_now, IdRecord, MessageHeader, Store, StoreError};
 
 /// Limits and retention of the mailboxes.
@@ -26,14 +27,22 @@ pub struct MailboxSettings {
     pub disk_reserve: u64,
 }
 
+impl MailboxSettings {
+    /// The mailbox part of the server's settings.
+    pub fn new(limits: &Limits, timeouts: &Timeouts) -> MailboxSettings {
+        MailboxSettings {
+            max_messages: limits.mailbox_messages,
+            max_bytes: limits.mailbox_bytes,
+            id_retention: timeouts.id_retention(),
+            disk_reserve: limits.disk_reserve_bytes,
+        }
+    }
+}
+
+/// The documented defaults, from the one place they are defined.
 impl Default for MailboxSettings {
     fn default() -> Self {
-        MailboxSettings {
-            max_messages: 10_000,
-            max_bytes: 1 << 30,
-            id_retention: Duration::from_secs(24 * 3600),
-            disk_reserve: 64 << 20,
-        }
+        MailboxSettings::new(&Limits::default(), &Timeouts::default())
     }
 }
 
