@@ -74,16 +74,19 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn len8(&mut self) -> Result<usize, Malformed> {
-        Ok(self.be::<1>()?[0] as usize)
+    /// A big-endian length of 1, 2 or 4 bytes.
+    fn len(&mut self, width: u8) -> Result<usize, Malformed> {
+        Ok(match width {
+            1 => self.be::<1>()?[0] as usize,
+            2 => u16::from_be_bytes(self.be()?) as usize,
+            _ => u32::from_be_bytes(self.be()?) as usize,
+        })
     }
 
-    fn len16(&mut self) -> Result<usize, Malformed> {
-        Ok(u16::from_be_bytes(self.be()?) as usize)
-    }
-
-    fn len32(&mut self) -> Result<usize, Malformed> {
-        Ok(u32::from_be_bytes(self.be()?) as usize)
+    /// A length of `width` bytes, then that many bytes.
+    fn sized(&mut self, width: u8) -> Result<&'a [u8], Malformed> {
+        let n = self.len(width)?;
+        self.take(n)
     }
 
     fn signed(value: i64) -> Item<'a> {
@@ -107,30 +110,9 @@ impl<'a> Reader<'a> {
             0xc1 => return Err(Malformed::Reserved(at)),
             0xc2 => Item::Bool(false),
             0xc3 => Item::Bool(true),
-            0xc4 => {
-                let n = self.len8()?;
-                Item::Bin(self.take(n)?)
-            }
-            0xc5 => {
-                let n = self.len16()?;
-                Item::Bin(self.take(n)?)
-            }
-            0xc6 => {
-                let n = self.len32()?;
-                Item::Bin(self.take(n)?)
-            }
-            0xc7 => {
-                let n = self.len8()?;
-                self.take(1 + n)?;
-                Item::Ext
-            }
-            0xc8 => {
-                let n = self.len16()?;
-                self.take(1 + n)?;
-                Item::Ext
-            }
-            0xc9 => {
-                let n = self.len32()?;
+            0xc4..=0xc6 => Item::Bin(self.sized(1 << (marker - 0xc4))?),
+            0xc7..=0xc9 => {
+                let n = self.len(1 << (marker - 0xc7))?;
                 self.take(1 + n)?;
                 Item::Ext
             }
@@ -154,22 +136,11 @@ impl<'a> Reader<'a> {
                 self.take(1 + (1usize << (marker - 0xd4)))?;
                 Item::Ext
             }
-            0xd9 => {
-                let n = self.len8()?;
-                Item::Str(self.take(n)?)
-            }
-            0xda => {
-                let n = self.len16()?;
-                Item::Str(self.take(n)?)
-            }
-            0xdb => {
-                let n = self.len32()?;
-                Item::Str(self.take(n)?)
-            }
-            0xdc => Item::Array(self.len16()?),
-            0xdd => Item::Array(self.len32()?),
-            0xde => Item::Map(self.len16()?),
-            0xdf => Item::Map(self.len32()?),
+            0xd9..=0xdb => Item::Str(self.sized(1 << (marker - 0xd9))?),
+            0xdc => Item::Array(self.len(2)?),
+            0xdd => Item::Array(self.len(4)?),
+            0xde => Item::Map(self.len(2)?),
+            0xdf => Item::Map(self.len(4)?),
             0xe0..=0xff => Item::Negative(marker as i8 as i64),
         })
     }
@@ -242,6 +213,25 @@ mod tests {
         ];
         for (bytes, item) in cases {
             assert_eq!(Reader::new(bytes).next_item().unwrap(), item, "{bytes:x?}");
+        }
+    }
+
+    #[test]
+    fn sized_items_of_every_width_take_their_bytes() {
+        let cases: [(&[u8], Item); 8] = [
+            (&[0xd9, 2, b'a', b'b'], Item::Str(b"ab")),
+            (&[0xda, 0, 2, b'a', b'b'], Item::Str(b"ab")),
+            (&[0xdb, 0, 0, 0, 2, b'a', b'b'], Item::Str(b"ab")),
+            (&[0xc4, 1, 7], Item::Bin(&[7])),
+            (&[0xc5, 0, 1, 7], Item::Bin(&[7])),
+            (&[0xc6, 0, 0, 0, 1, 7], Item::Bin(&[7])),
+            (&[0xc8, 0, 1, 5, 7], Item::Ext),
+            (&[0xd5, 5, 7, 7], Item::Ext),
+        ];
+        for (bytes, item) in cases {
+            let mut reader = Reader::new(bytes);
+            assert_eq!(reader.next_item().unwrap(), item, "{bytes:x?}");
+            assert_eq!(reader.remaining(), 0, "{bytes:x?}");
         }
     }
 

@@ -155,7 +155,7 @@ impl Packet {
             kind: kind.to_owned(),
             detail,
         };
-        let slots = Slots::collect(fields, entries, KnownFields::of(kind)).map_err(bad)?;
+        let slots = Slots::collect(fields, entries, kind).map_err(bad)?;
         slots.packet(kind).map(Decoded::Known).map_err(bad)
     }
 }
@@ -174,47 +174,35 @@ fn skip(reader: &mut Reader<'_>) {
     debug_assert!(checked.is_ok(), "checked before");
 }
 
-/// Every field name of every packet, as slots.
-const FIELD_NAMES: [&str; 9] = [
-    "username",
-    "password",
-    "ok",
-    "reason",
-    "status",
-    "idle_secs",
-    "id",
-    "from",
-    "size",
-];
-
-/// The fields one packet has, as indexes into [`FIELD_NAMES`].
-struct KnownFields(&'static [usize]);
-
-impl KnownFields {
-    fn of(kind: &str) -> KnownFields {
-        KnownFields(match kind {
-            "Login" => &[0, 1],
-            "LoginResponse" => &[2, 3],
-            "AddUser" => &[0],
-            "StatusChange" => &[0, 4, 5],
-            "Idle" => &[5],
-            "MessageAvailable" => &[6, 7, 8],
-            _ => &[],
-        })
+/// The fields of each known packet, by name.
+fn fields_of(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Login" => &["username", "password"],
+        "LoginResponse" => &["ok", "reason"],
+        "AddUser" => &["username"],
+        "StatusChange" => &["username", "status", "idle_secs"],
+        "Idle" => &["idle_secs"],
+        "MessageAvailable" => &["id", "from", "size"],
+        _ => &[],
     }
 }
 
+/// The most fields a packet has.
+const MAX_FIELDS: usize = 3;
+
 /// The value given for each field of the packet being decoded; a container
 /// value is kept as its header only (no field takes one).
-struct Slots<'a>([Option<Item<'a>>; FIELD_NAMES.len()]);
+struct Slots<'a> {
+    names: &'static [&'static str],
+    values: [Option<Item<'a>>; MAX_FIELDS],
+}
 
 impl<'a> Slots<'a> {
-    fn collect(
-        mut reader: Reader<'a>,
-        entries: usize,
-        known: KnownFields,
-    ) -> Result<Slots<'a>, String> {
-        let mut slots = Slots([None; FIELD_NAMES.len()]);
+    fn collect(mut reader: Reader<'a>, entries: usize, kind: &str) -> Result<Slots<'a>, String> {
+        let mut slots = Slots {
+            names: fields_of(kind),
+            values: [None; MAX_FIELDS],
+        };
         let mut seen_type = false;
         for _ in 0..entries {
             // Every key was found to be a UTF-8 `str` already.
@@ -229,29 +217,23 @@ impl<'a> Slots<'a> {
                 skip(&mut reader);
                 continue;
             }
-            let slot = known
-                .0
-                .iter()
-                .copied()
-                .find(|&i| FIELD_NAMES[i].as_bytes() == key);
-            let Some(slot) = slot else {
+            let Some(slot) = slots.names.iter().position(|n| n.as_bytes() == key) else {
                 skip(&mut reader);
                 continue;
             };
-            if slots.0[slot].is_some() {
-                return Err(format!("duplicate field `{}`", FIELD_NAMES[slot]));
+            if slots.values[slot].is_some() {
+                return Err(format!("duplicate field `{}`", slots.names[slot]));
             }
-            let mut value_reader = reader.clone();
-            let item = value_reader.next_item().map_err(|e| e.to_string())?;
+            let item = reader.clone().next_item().map_err(|e| e.to_string())?;
             skip(&mut reader);
-            slots.0[slot] = Some(item);
+            slots.values[slot] = Some(item);
         }
         Ok(slots)
     }
 
     fn take(&mut self, name: &str) -> Option<Item<'a>> {
-        let slot = FIELD_NAMES.iter().position(|&n| n == name)?;
-        self.0[slot].take()
+        let slot = self.names.iter().position(|&n| n == name)?;
+        self.values[slot].take()
     }
 
     fn string(&mut self, name: &str) -> Result<String, String> {
