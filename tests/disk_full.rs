@@ -152,6 +152,22 @@ async fn fill(
     panic!("200 MiB went onto a 64 MiB disk");
 }
 
+/// Receives `PREFIX-N` for each N and checks its data is `data(N)`: each
+/// was acknowledged, so it is kept.
+async fn assert_kept(
+    connector: &Connector,
+    addr: SocketAddr,
+    prefix: &str,
+    numbers: impl IntoIterator<Item = usize>,
+    data: fn(usize) -> Vec<u8>,
+) {
+    for n in numbers {
+        let id = format!("{prefix}-{n}");
+        let got = receive(connector, addr, &id).await;
+        assert_eq!(got.unwrap().data, data(n), "{id} was acknowledged");
+    }
+}
+
 fn assert_no_such_message(result: Result<Received, ClientError>, why: &str) {
     match result {
         Err(ClientError::Refused(e)) => assert!(e.text.contains("no such message"), "{why}: {e}"),
@@ -246,14 +262,7 @@ async fn a_full_disk_refuses_sends_keeps_receiving_and_recovers_in_place() {
     server.kill();
     let server = disk.start();
     let addr = server.message;
-    for n in 3..=filled {
-        let id = format!("fill-{n}");
-        assert_eq!(
-            receive(&connector, addr, &id).await.unwrap().data,
-            big(n),
-            "{id}"
-        );
-    }
+    assert_kept(&connector, addr, "fill", 3..=filled, big).await;
     assert_eq!(
         receive(&connector, addr, "after").await.unwrap().data,
         sample_data("after")
@@ -330,22 +339,8 @@ async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
         first,
         "acknowledged before the disk filled"
     );
-    for n in 1..filled {
-        let id = format!("fill-{n}");
-        assert_eq!(
-            receive(&connector, addr, &id).await.unwrap().data,
-            big(n),
-            "{id} was acknowledged, so it is kept"
-        );
-    }
-    for n in 0..small_sends {
-        let id = format!("small-{n}");
-        assert_eq!(
-            receive(&connector, addr, &id).await.unwrap().data,
-            small(n),
-            "{id} was acknowledged, so it is kept"
-        );
-    }
+    assert_kept(&connector, addr, "fill", 1..filled, big).await;
+    assert_kept(&connector, addr, "small", 0..small_sends, small).await;
     assert_no_such_message(receive(&connector, addr, "fill-0").await, "received before");
     assert_no_such_message(
         receive(&connector, addr, &format!("fill-{filled}")).await,
