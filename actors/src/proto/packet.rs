@@ -477,6 +477,77 @@ mod tests {
     }
 
     #[test]
+    fn field_rules_decided_in_the_protocol_page() {
+        use rmpv::Value;
+        let bad =
+            |body: Vec<u8>| matches!(Packet::decode(&body), Err(PacketError::BadField { .. }));
+        // A text field may come as `bin` holding UTF-8.
+        let body = map(vec![
+            ("type", "AddUser".into()),
+            ("username", Value::Binary(b"ann".to_vec())),
+        ]);
+        assert_eq!(
+            Packet::decode(&body).unwrap(),
+            Decoded::Known(Packet::AddUser {
+                username: "ann".into()
+            })
+        );
+        assert!(bad(map(vec![
+            ("type", "AddUser".into()),
+            ("username", Value::Binary(vec![0xff])),
+        ])));
+        // A field or `type` given twice.
+        assert!(bad(map(vec![
+            ("type", "AddUser".into()),
+            ("username", "a".into()),
+            ("username", "b".into()),
+        ])));
+        assert!(bad(map(vec![
+            ("type", "NotIdle".into()),
+            ("type", "NotIdle".into())
+        ])));
+        // `status` is one of the four strings, nothing else.
+        for status in [
+            Value::from(0),
+            Value::from("online"),
+            Value::Binary(b"IDLE".to_vec()),
+        ] {
+            assert!(bad(map(vec![
+                ("type", "StatusChange".into()),
+                ("username", "a".into()),
+                ("status", status),
+            ])));
+        }
+        // An optional field may be nil; `Idle`'s idle_secs may be absent, not nil.
+        let body = map(vec![
+            ("type", "StatusChange".into()),
+            ("username", "a".into()),
+            ("status", "BACK".into()),
+            ("idle_secs", Value::Nil),
+        ]);
+        assert!(matches!(
+            Packet::decode(&body),
+            Ok(Decoded::Known(Packet::StatusChange {
+                idle_secs: None,
+                ..
+            }))
+        ));
+        assert!(bad(map(vec![
+            ("type", "Idle".into()),
+            ("idle_secs", Value::Nil)
+        ])));
+        // Integers in any width, as long as they are not negative.
+        let wide = map(vec![
+            ("type", "Idle".into()),
+            ("idle_secs", Value::from(7i64)),
+        ]);
+        assert_eq!(
+            Packet::decode(&wide).unwrap(),
+            Decoded::Known(Packet::Idle { idle_secs: 7 })
+        );
+    }
+
+    #[test]
     fn garbage_is_rejected() {
         assert!(Packet::decode(&[0xc1]).is_err());
         assert!(matches!(
