@@ -12,11 +12,12 @@ use actix::Arbiter;
 use anyhow::{Context, Result};
 use csm_actors::auth::{AuthSettings, Authenticator};
 use csm_actors::mailbox::{MailboxActor, MailboxSettings};
+use csm_actors::mailbox_handle::MailboxHandle;
 use csm_actors::mailboxes::Mailboxes;
 use csm_actors::messages::CloseAll;
 use csm_actors::presence::PresenceActor;
 use csm_actors::services::Services;
-use csm_actors::store::{GroupCommit, SledStore, Store};
+use csm_actors::store::{Directory, GroupCommit, SledDirectory, SledStore, Store};
 use csm_actors::throttle::{LoginThrottle, ThrottleSettings};
 use csm_actors::{courier, session};
 use tokio::net::{TcpListener, TcpStream};
@@ -118,7 +119,11 @@ pub async fn run(
         config.timeouts.commit_window(),
     )
     .context("starting the flusher")?;
-    let auth = Arc::new(Authenticator::new(store.clone(), AuthSettings::default())?);
+    let directory: Arc<dyn Directory> = Arc::new(SledDirectory::new(store.clone(), commit.clone()));
+    let auth = Arc::new(Authenticator::new(
+        directory.clone(),
+        AuthSettings::default(),
+    )?);
     let users = store.list_users()?;
     log::info!(
         "store opened in {}: {} users",
@@ -131,12 +136,12 @@ pub async fn run(
     let mailbox_arbiter = Arbiter::new();
     let mailbox =
         actix::Supervisor::start_in_arbiter(&mailbox_arbiter.handle(), move |_| mailbox_actor);
+    let mailbox = MailboxHandle::of(&mailbox);
 
     let services = Arc::new(Services {
         limits: config.limits.clone(),
         timeouts: config.timeouts.clone(),
-        store,
-        commit: commit.clone(),
+        users: directory,
         auth,
         presence,
         mailbox,
@@ -167,7 +172,7 @@ pub async fn run(
     ));
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
-    actix_rt::spawn(exit_on_store_failure(services.store.clone()));
+    actix_rt::spawn(exit_on_store_failure(store.clone()));
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
     log::info!("ready; certificate SHA-256 fingerprint {fingerprint}");

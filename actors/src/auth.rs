@@ -16,7 +16,7 @@ use ring::hmac;
 use thiserror::Error;
 use tokio::sync::Semaphore;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Directory, StoreError};
 
 /// Why a credential check could not be made (a wrong password is not an
 /// error: `verify` answers false).
@@ -53,7 +53,7 @@ impl Default for AuthSettings {
 
 /// Checks credentials against the store; shared by every connection.
 pub struct Authenticator {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Directory>,
     settings: AuthSettings,
     key: hmac::Key,
     cache: Mutex<HashMap<String, hmac::Tag>>,
@@ -68,7 +68,10 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, settings: AuthSettings) -> Result<Authenticator, AuthError> {
+    pub fn new(
+        store: Arc<dyn Directory>,
+        settings: AuthSettings,
+    ) -> Result<Authenticator, AuthError> {
         let rng = ring::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| AuthError::Hash("no system randomness".into()))?;
@@ -104,7 +107,7 @@ impl Authenticator {
             }
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let record = self.store.get_user(user)?;
+        let record = self.store.get_user(user).await?;
         let exists = record.is_some();
         let hash = record.map_or_else(|| self.dummy_hash.clone(), |r| r.password_hash);
         let ok = self.run_argon2(hash, password.to_owned()).await? && exists;
@@ -313,7 +316,7 @@ pub fn verify_password(phc: &str, password: &str) -> Result<bool, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{SledStore, UserRecord};
+    use crate::store::{GroupCommit, SledDirectory, SledStore, Store, UserRecord};
 
     #[test]
     fn phc_strings_interoperate_with_the_argon2_crate() {
@@ -351,7 +354,10 @@ mod tests {
                 },
             )
             .unwrap();
-        let auth = Authenticator::new(store.clone(), AuthSettings::default()).unwrap();
+        let (commit, _flusher) =
+            GroupCommit::start(store.clone(), 16, std::time::Duration::ZERO).unwrap();
+        let users = Arc::new(SledDirectory::new(store.clone(), commit));
+        let auth = Authenticator::new(users, AuthSettings::default()).unwrap();
         assert!(auth.verify("alice", "secret").await.unwrap());
         assert!(auth.cache_lock().contains_key("alice"));
         assert!(!auth.verify("alice", "wrong").await.unwrap());

@@ -264,8 +264,9 @@ where
             let exists = valid_username(recipient)
                 && self
                     .services
-                    .store
+                    .users
                     .get_user(recipient)
+                    .await
                     .map_err(|e| answer(ErrorCode::Internal, format!("user lookup failed: {e}")))?
                     .is_some();
             if !exists {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod courier;
 pub mod mailbox;
+pub mod mailbox_handle;
 pub mod mailboxes;
 pub mod messages;
 pub mod metrics;

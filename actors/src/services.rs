@@ -10,22 +10,22 @@ use actix::Addr;
 
 use crate::auth::AuthError;
 use crate::auth::Authenticator;
-use crate::mailbox::MailboxActor;
+use crate::mailbox_handle::MailboxHandle;
 use crate::presence::PresenceActor;
 use crate::proto::names::{valid_password, valid_username};
 use crate::settings::{Limits, Timeouts};
-use crate::store::{GroupCommit, Store};
+use crate::store::Directory;
 use crate::throttle::{Gate, LoginThrottle};
 
 /// Shared by all connections of one server.
 pub struct Services {
     pub limits: Limits,
     pub timeouts: Timeouts,
-    pub store: Arc<dyn Store>,
-    pub commit: GroupCommit,
+    /// The registered users, in whichever backend holds them.
+    pub users: Arc<dyn Directory>,
     pub auth: Arc<Authenticator>,
     pub presence: Addr<PresenceActor>,
-    pub mailbox: Addr<MailboxActor>,
+    pub mailbox: MailboxHandle,
     /// Set at shutdown: new message streams are answered `unavailable`.
     pub shutting_down: AtomicBool,
     /// Message streams in flight, awaited at shutdown.

@@ -112,8 +112,9 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
             check_new_user(&name, &password)?;
             // Refuse a taken name before paying for a hash.
             if services
-                .store
+                .users
                 .get_user(&name)
+                .await
                 .map_err(Failure::internal)?
                 .is_some()
             {
@@ -128,22 +129,22 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 password_hash: hash,
                 created_unix: unix_now(),
             };
-            match services.store.add_user(&name, &record) {
+            match services.users.add_user(&name, &record).await {
                 Ok(()) => {}
                 Err(StoreError::UserExists(_)) => {
                     return Err(Failure::refused(format!("user {name} already exists")))
                 }
                 Err(e) => return Err(Failure::internal(e)),
             }
-            services.commit.commit().await.map_err(Failure::internal)?;
             services.presence.do_send(UserAdded { user: name.clone() });
             log::info!("admin: user {name} added");
             done(format!("user {name} added"))
         }
         Request::UserRemove { name } => {
             if !services
-                .store
+                .users
                 .remove_user(&name)
+                .await
                 .map_err(Failure::internal)?
             {
                 return Err(Failure::not_found(format!("no user {name}")));
@@ -157,7 +158,6 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .await
                 .map_err(unreachable)?
                 .map_err(Failure::from_stream)?;
-            services.commit.commit().await.map_err(Failure::internal)?;
             metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(dropped as u64);
             log::info!("admin: user {name} removed with {dropped} waiting messages");
             done(format!(
@@ -166,7 +166,11 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
         }
         Request::UserPasswd { name, password } => {
             check_password(&password)?;
-            let Some(mut record) = services.store.get_user(&name).map_err(Failure::internal)?
+            let Some(mut record) = services
+                .users
+                .get_user(&name)
+                .await
+                .map_err(Failure::internal)?
             else {
                 return Err(Failure::not_found(format!("no user {name}")));
             };
@@ -176,19 +180,23 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .await
                 .map_err(Failure::internal)?;
             if !services
-                .store
+                .users
                 .update_user(&name, &record)
+                .await
                 .map_err(Failure::internal)?
             {
                 return Err(Failure::not_found(format!("no user {name}")));
             }
             services.auth.forget(&name);
-            services.commit.commit().await.map_err(Failure::internal)?;
             log::info!("admin: password of {name} changed");
             done(format!("password of {name} changed"))
         }
         Request::UserList => {
-            let names = services.store.list_users().map_err(Failure::internal)?;
+            let names = services
+                .users
+                .list_users()
+                .await
+                .map_err(Failure::internal)?;
             let online = services
                 .presence
                 .send(ListOnline)

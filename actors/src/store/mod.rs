@@ -1,9 +1,13 @@
-//! The durable store behind a trait, so actors never name the database.
-//! [`SledStore`] is the embedded implementation; its key layout lives in
-//! `sled_store.rs` and nowhere else. [`GroupCommit`] makes writes durable
-//! with one flush per burst.
+//! The durable store behind traits, so actors never name the database.
+//! [`Directory`] is the user list every backend serves (asynchronous:
+//! a shared database answers over the network). [`Store`] is the embedded
+//! engine's record interface; [`SledStore`] implements it, its key layout
+//! lives in `sled_store.rs` and nowhere else, and [`GroupCommit`] makes its
+//! writes durable with one flush per burst. The PostgreSQL backend lives
+//! in `crate::cluster`.
 
 mod commit;
+mod directory;
 mod sled_store;
 mod spool;
 
@@ -13,14 +17,22 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use commit::{CommitError, Flusher, GroupCommit};
+pub use directory::{Directory, SledDirectory};
 pub use sled_store::SledStore;
 pub use spool::SPOOL_FROM_BYTES;
 
-/// A failure of the store.
+/// A failure of the store, whichever backend it is.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] sled::Error),
+    Db(String),
+    /// Another process holds the embedded database.
+    #[error("database locked: {0}")]
+    Locked(String),
+    /// The shared database cannot be reached (or refused to commit); a
+    /// later attempt may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
     #[error("message file: {0}")]
@@ -32,7 +44,18 @@ pub enum StoreError {
 impl StoreError {
     /// True when another process holds the database.
     pub fn is_locked(&self) -> bool {
-        matches!(self, StoreError::Db(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
+        matches!(self, StoreError::Locked(_))
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked(io.to_string())
+            }
+            other => StoreError::Db(other.to_string()),
+        }
     }
 }
 
@@ -82,7 +105,8 @@ pub trait Store: Send + Sync + 'static {
     fn add_user(&self, name: &str, record: &UserRecord) -> Result<(), StoreError>;
     /// Replaces a user's record; false if there is no such user.
     fn update_user(&self, name: &str, record: &UserRecord) -> Result<bool, StoreError>;
-    /// Removes a user and every message in their mailbox; false if absent.
+    /// Removes a user's record (the mailbox is dropped by the mailbox
+    /// actor, which owns its index); false if absent.
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
     /// All usernames, sorted.
     fn list_users(&self) -> Result<Vec<String>, StoreError>;
