@@ -51,6 +51,14 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// Keep users and mailboxes in this PostgreSQL database, shared with
+    /// every other node given the same URL (store.backend = "postgres").
+    #[arg(long, value_name = "URL", env = "CSM_STORE_URL")]
+    pub store_url: Option<String>,
+    /// This node's name among the nodes sharing the database
+    /// [default: host name and session port].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
 }
 
 impl ServeArgs {
@@ -62,6 +70,8 @@ impl ServeArgs {
             cert: self.cert.clone(),
             key: self.key.clone(),
             metrics_addr: self.metrics_addr.clone(),
+            store_url: self.store_url.clone(),
+            node: self.node.clone(),
         }
     }
 }

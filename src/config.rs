@@ -32,6 +32,50 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub store: StoreConfig,
+}
+
+/// Which database holds users and mailboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded sled database in the data directory (one node).
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by every node.
+    Postgres,
+}
+
+/// The `[store]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`).
+    pub url: Option<String>,
+    /// This node's name among the nodes sharing the database
+    /// [default: host name and session port].
+    pub node: Option<String>,
+    /// Connections to the database.
+    pub pool_size: usize,
+    /// Tasks that group sends into transactions.
+    pub committers: usize,
+    /// Seconds a node's lease lasts: a node that stops renewing it (it
+    /// renews every third of it) is taken for dead by the others.
+    pub lease_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Sled,
+            url: None,
+            node: None,
+            pool_size: 12,
+            committers: 4,
+            lease_secs: 10,
+        }
+    }
 }
 
 impl Default for Config {
@@ -45,6 +89,7 @@ impl Default for Config {
             metrics_addr: None,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -58,6 +103,9 @@ pub struct Overrides {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub metrics_addr: Option<String>,
+    /// A PostgreSQL URL: implies `store.backend = "postgres"`.
+    pub store_url: Option<String>,
+    pub node: Option<String>,
 }
 
 impl Config {
@@ -88,6 +136,13 @@ impl Config {
         if let Some(addr) = overrides.metrics_addr {
             config.metrics_addr = Some(addr);
         }
+        if let Some(url) = overrides.store_url {
+            config.store.backend = Backend::Postgres;
+            config.store.url = Some(url);
+        }
+        if let Some(node) = overrides.node {
+            config.store.node = Some(node);
+        }
         if overrides.cert.is_some() || overrides.key.is_some() {
             config.cert = overrides.cert;
             config.key = overrides.key;
@@ -114,6 +169,27 @@ impl Config {
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");
+            }
+        }
+        let store = &self.store;
+        if store.backend == Backend::Postgres && store.url.is_none() {
+            bail!("store.url (or --store-url) is required with store.backend = \"postgres\"");
+        }
+        for (name, value) in [
+            ("store.pool_size", store.pool_size as u64),
+            ("store.committers", store.committers as u64),
+            ("store.lease_secs", store.lease_secs),
+        ] {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if store.committers >= store.pool_size {
+            bail!("store.committers must be below store.pool_size (the rest serve reads)");
+        }
+        if let Some(node) = &store.node {
+            if node.is_empty() || node.contains(['\t', '\n']) || node.len() > 200 {
+                bail!("store.node must be 1-200 characters without tabs or newlines");
             }
         }
         if l.presence_changes_per_sec == 0 {
@@ -187,12 +263,30 @@ mod tests {
                 "{key} missing from csm.example.toml"
             );
         }
-        for key in ["cert", "key", "metrics_addr"] {
+        for key in ["cert", "key", "metrics_addr", "url", "node"] {
             assert!(
                 text.contains(&format!("# {key} = ")),
                 "{key} missing from csm.example.toml"
             );
         }
+    }
+
+    #[test]
+    fn a_store_url_chooses_postgres_and_postgres_needs_one() {
+        let config = Config::load(
+            None,
+            Overrides {
+                store_url: Some("postgres://db/csm".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.store.backend, Backend::Postgres);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csm.toml");
+        std::fs::write(&path, "[store]\nbackend = \"postgres\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("store.url"), "{err:#}");
     }
 
     #[test]

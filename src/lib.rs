@@ -3,6 +3,7 @@
 //! simulator and the tests.
 
 pub mod admin;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -8,16 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Arbiter;
 use anyhow::{Context, Result};
-use csm_actors::auth::{AuthSettings, Authenticator};
-use csm_actors::mailbox::{MailboxActor, MailboxSettings};
-use csm_actors::mailbox_handle::MailboxHandle;
-use csm_actors::mailboxes::Mailboxes;
+use csm_actors::mailbox::MailboxSettings;
 use csm_actors::messages::CloseAll;
-use csm_actors::presence::PresenceActor;
 use csm_actors::services::Services;
-use csm_actors::store::{Directory, GroupCommit, SledDirectory, SledStore, Store};
+use csm_actors::store::Store;
 use csm_actors::throttle::{LoginThrottle, ThrottleSettings};
 use csm_actors::{courier, session};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,12 +20,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::socket::AdminSocket;
+use crate::backend::Opened;
 use crate::config::{self, Config};
 use crate::tls;
-
-/// Most group-commit requests waiting at once; past it sends are answered
-/// `unavailable`.
-const MAX_WAITING_COMMITS: usize = 65_536;
 
 /// What a started server tells its caller.
 #[derive(Debug, Clone)]
@@ -106,45 +98,15 @@ pub async fn run(
     let fingerprint = certs.fingerprint();
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
 
-    let store_dir = config.store_dir();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
-        format!(
-            "opening the store in {} (is another server using it?)",
-            store_dir.display()
-        )
-    })?);
-    let (commit, flusher) = GroupCommit::start(
-        store.clone(),
-        MAX_WAITING_COMMITS,
-        config.timeouts.commit_window(),
-    )
-    .context("starting the flusher")?;
-    let directory: Arc<dyn Directory> = Arc::new(SledDirectory::new(store.clone(), commit.clone()));
-    let auth = Arc::new(Authenticator::new(
-        directory.clone(),
-        AuthSettings::default(),
-    )?);
-    let users = store.list_users()?;
-    log::info!(
-        "store opened in {}: {} users",
-        store_dir.display(),
-        users.len()
-    );
-    let presence = actix::Supervisor::start(move |_| PresenceActor::new(users));
-    let mailboxes = Mailboxes::load(store.clone(), mailbox_settings(&config))?;
-    let mailbox_actor = MailboxActor::new(mailboxes, commit.clone());
-    let mailbox_arbiter = Arbiter::new();
-    let mailbox =
-        actix::Supervisor::start_in_arbiter(&mailbox_arbiter.handle(), move |_| mailbox_actor);
-    let mailbox = MailboxHandle::of(&mailbox);
-
+    let backend = Opened::open(&config, session_listener.local_addr()?.port()).await?;
     let services = Arc::new(Services {
         limits: config.limits.clone(),
         timeouts: config.timeouts.clone(),
-        users: directory,
-        auth,
-        presence,
-        mailbox,
+        users: backend.users.clone(),
+        auth: backend.auth.clone(),
+        presence: backend.presence.clone(),
+        mailbox: backend.mailbox.clone(),
+        cluster: backend.cluster.clone(),
         shutting_down: AtomicBool::new(false),
         exchanges: AtomicUsize::new(0),
         connections: AtomicUsize::new(0),
@@ -172,7 +134,9 @@ pub async fn run(
     ));
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
-    actix_rt::spawn(exit_on_store_failure(store.clone()));
+    if let Some(store) = backend.sled_store() {
+        actix_rt::spawn(exit_on_store_failure(store));
+    }
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
     log::info!("ready; certificate SHA-256 fingerprint {fingerprint}");
@@ -209,24 +173,10 @@ pub async fn run(
     while Arc::strong_count(&services) > 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if let Err(e) = commit.commit().await {
-        log::error!("final flush failed: {e}");
-    }
-    let flushes = commit.stats().flushes.load(Ordering::Relaxed);
-    let commits = commit.stats().commits.load(Ordering::Relaxed);
     drop(services);
-    drop(commit);
-    mailbox_arbiter.stop();
-    if mailbox_arbiter.join().is_err() {
-        log::warn!("the mailbox thread did not stop cleanly");
-    }
-    if !flusher.join(Duration::from_secs(10)) {
-        log::warn!("the store flusher did not stop in time");
-    }
+    let closed = backend.close().await;
     let _ = std::fs::remove_file(config::admin_socket(&config.data_dir));
-    log::info!(
-        "stopped: closed {sessions} sessions; {commits} durable writes in {flushes} flushes; store flushed"
-    );
+    log::info!("stopped: closed {sessions} sessions; {closed}");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! (sessions, presence, mailboxes, message-stream couriers).
 
 pub mod auth;
+pub mod cluster;
 pub mod courier;
 pub mod mailbox;
 pub mod mailbox_handle;
@@ -14,6 +15,7 @@ pub mod proto;
 pub mod services;
 pub mod session;
 pub mod settings;
+pub mod shared_mailbox;
 pub mod store;
 pub mod throttle;
 

@@ -97,13 +97,13 @@ pub fn internal(e: impl std::fmt::Display) -> StreamError {
     StreamError::new(ErrorCode::Internal, format!("store failure: {e}"))
 }
 
-fn no_such_message() -> StreamError {
+pub(crate) fn no_such_message() -> StreamError {
     StreamError::new(ErrorCode::NoSuchMessage, "no such message in this mailbox")
 }
 
 /// SHA-256 over the recipient set (sorted) and the data: what makes two
 /// sends with one id "the same message".
-fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
+pub(crate) fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
     let mut sorted: Vec<&str> = recipients.iter().map(String::as_str).collect();
     sorted.sort_unstable();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);

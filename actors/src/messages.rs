@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::Message;
 
+use crate::cluster::{MailHint, NodeState};
 use crate::mailboxes::{MailboxItem, MailboxStats};
 use crate::outbound::Outbound;
 use crate::proto::lines::StreamError;
@@ -93,6 +94,9 @@ pub struct SessionInfo {
     pub peer: String,
     pub connected_unix: u64,
     pub idle: bool,
+    /// The node serving it, when several share a database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Asks presence for every online user.
@@ -188,3 +192,62 @@ pub struct Backup {
 pub struct DropMailbox {
     pub user: String,
 }
+
+/// The registered users as the shared database has them, to repair a
+/// user list that missed hints.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UsersSnapshot {
+    pub users: Vec<String>,
+}
+
+/// Another node's report of one of its users (a hint).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemotePresence {
+    pub node: String,
+    pub version: i64,
+    pub user: String,
+    pub state: Option<NodeState>,
+}
+
+/// Another node is gone (stopped, or its lease ran out).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeGone {
+    pub node: String,
+}
+
+/// One row of the presence table.
+#[derive(Debug, Clone)]
+pub struct RemoteRow {
+    pub node: String,
+    pub version: i64,
+    pub user: String,
+    pub state: Option<NodeState>,
+}
+
+/// What the database says of the other live nodes' users.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteSnapshot {
+    pub live_nodes: std::collections::HashSet<String>,
+    pub rows: Vec<RemoteRow>,
+}
+
+/// This node's lease had run out: publish every local user again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RepublishLocal;
+
+/// A message stored at another node (a hint): its recipients signed on
+/// here hear `MessageAvailable`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MailNotice(pub MailHint);
+
+/// Hints may have been lost: read the mailboxes of the users signed on
+/// here again and announce what they have not heard of.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Rescan;

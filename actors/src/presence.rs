@@ -1,7 +1,11 @@
 //! PresenceActor: who is online, on how many sessions, and who is idle.
-//! Presence is per user across all of that user's sessions; the actor turns
-//! changes into `StatusChange` packets for every other user's sessions,
-//! encoding each packet once and queueing the same bytes everywhere.
+//! Presence is per user across all of that user's sessions, on this node
+//! and (with the PostgreSQL backend) on every other node: the actor keeps
+//! this node's sessions, and what the other nodes report of theirs, and
+//! derives from both how each user is shown. Every change of that is one
+//! `StatusChange` for every other user's sessions here, encoded once and
+//! queued as the same bytes everywhere. Changes of this node's sessions
+//! are published to the other nodes through the [`ClusterLink`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -10,9 +14,11 @@ use std::time::Instant;
 use actix::{Actor, AsyncContext, Context, Handler, MessageResult};
 use bytes::Bytes;
 
+use crate::cluster::{ClusterLink, NodeState, PresenceUpdate};
 use crate::messages::{
-    CloseAll, ListOnline, Register, SessionId, SessionInfo, SetActive, SetIdle, Unregister,
-    UserAdded, UserPresence, UserRemoved,
+    CloseAll, ListOnline, NodeGone, Register, RemotePresence, RemoteSnapshot, RepublishLocal,
+    SessionId, SessionInfo, SetActive, SetIdle, Unregister, UserAdded, UserPresence, UserRemoved,
+    UsersSnapshot,
 };
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
@@ -60,14 +66,60 @@ impl OnlineUser {
         }
     }
 
-    /// Appends this user's current status frame; only an idle user's,
-    /// whose idle time moves, is encoded afresh.
-    fn write_status(&self, user: &str, now: Instant, out: &mut Vec<u8>) {
-        match self.idle_secs(now) {
-            Some(secs) => status(user, Status::Idle, Some(secs)).write_frame(out),
-            None => out.extend_from_slice(&self.online_frame),
+    fn session_infos(&self) -> Vec<SessionInfo> {
+        self.sessions
+            .values()
+            .map(|link| SessionInfo {
+                peer: link.peer.to_string(),
+                connected_unix: link.connected_unix,
+                idle: link.idle.is_some(),
+                node: None,
+            })
+            .collect()
+    }
+}
+
+/// How a user is shown to the others, across every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Offline,
+    Online,
+    Idle(u64),
+}
+
+impl Shown {
+    /// Online wins over idle; idle shows the shortest idle time.
+    fn combine(self, other: Shown) -> Shown {
+        match (self, other) {
+            (Shown::Online, _) | (_, Shown::Online) => Shown::Online,
+            (Shown::Idle(a), Shown::Idle(b)) => Shown::Idle(a.min(b)),
+            (Shown::Idle(a), Shown::Offline) | (Shown::Offline, Shown::Idle(a)) => Shown::Idle(a),
+            (Shown::Offline, Shown::Offline) => Shown::Offline,
         }
     }
+}
+
+/// Unix time in milliseconds, the clock nodes share idle times in.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What the other nodes report of one user: per node, the newest version
+/// seen and the state it carried (`None`: not signed on there).
+type RemoteUser = HashMap<String, (i64, Option<NodeState>)>;
+
+fn remote_shown(nodes: &RemoteUser, now_ms: i64) -> Shown {
+    nodes
+        .values()
+        .fold(Shown::Offline, |shown, (_, state)| match state {
+            None => shown,
+            Some(NodeState::Active) => Shown::Online,
+            Some(NodeState::Idle { since_ms }) => {
+                shown.combine(Shown::Idle((now_ms - since_ms).max(0) as u64 / 1000))
+            }
+        })
 }
 
 fn status(user: &str, status: Status, idle_secs: Option<u64>) -> Packet {
@@ -84,7 +136,12 @@ pub struct PresenceActor {
     users: BTreeSet<String>,
     /// Every `AddUser` frame, encoded once and reused until the list changes.
     user_list_frames: Option<Bytes>,
+    /// This node's signed-on users.
     online: BTreeMap<String, OnlineUser>,
+    /// Users signed on at other nodes, as those nodes report them.
+    remote: BTreeMap<String, RemoteUser>,
+    /// Where this node's changes go for the other nodes (none on sled).
+    cluster: Option<ClusterLink>,
 }
 
 impl PresenceActor {
@@ -93,7 +150,160 @@ impl PresenceActor {
             users: users.into_iter().collect(),
             user_list_frames: None,
             online: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            cluster: None,
         }
+    }
+
+    /// A presence that publishes this node's changes through `link`.
+    pub fn clustered(users: impl IntoIterator<Item = String>, link: ClusterLink) -> Self {
+        PresenceActor {
+            cluster: Some(link),
+            ..PresenceActor::new(users)
+        }
+    }
+
+    fn local_shown(&self, user: &str, now: Instant) -> Shown {
+        match self.online.get(user) {
+            None => Shown::Offline,
+            Some(online) => online.idle_secs(now).map_or(Shown::Online, Shown::Idle),
+        }
+    }
+
+    fn shown(&self, user: &str, now: Instant) -> Shown {
+        let local = self.local_shown(user, now);
+        match self.remote.get(user) {
+            Some(nodes) if local != Shown::Online => local.combine(remote_shown(nodes, unix_ms())),
+            _ => local,
+        }
+    }
+
+    /// Tells every other user's sessions how `user`'s presence changed.
+    fn announce(&self, user: &str, before: Shown, after: Shown) {
+        match (before, after) {
+            (Shown::Offline, Shown::Offline) => {}
+            (Shown::Offline, Shown::Online) => {
+                let frame = match self.online.get(user) {
+                    Some(online) => online.online_frame.clone(),
+                    None => Bytes::from(status(user, Status::Online, None).to_frame()),
+                };
+                self.broadcast_frame_except(user, frame);
+            }
+            (Shown::Offline, Shown::Idle(secs)) => {
+                let mut frames = status(user, Status::Online, None).to_frame();
+                status(user, Status::Idle, Some(secs)).write_frame(&mut frames);
+                self.broadcast_frame_except(user, Bytes::from(frames));
+            }
+            (_, Shown::Offline) => {
+                self.broadcast_except(user, &status(user, Status::Offline, None));
+            }
+            (Shown::Online, Shown::Idle(secs)) => {
+                self.broadcast_except(user, &status(user, Status::Idle, Some(secs)));
+            }
+            (Shown::Idle(_), Shown::Online) => {
+                self.broadcast_except(user, &status(user, Status::Back, None));
+            }
+            (Shown::Online, Shown::Online) | (Shown::Idle(_), Shown::Idle(_)) => {}
+        }
+    }
+
+    /// Hands this node's view of `user` to the other nodes.
+    fn publish_local(&self, user: &str, now: Instant) {
+        let Some(link) = &self.cluster else {
+            return;
+        };
+        let (state, sessions) = match self.online.get(user) {
+            None => (None, Vec::new()),
+            Some(online) => {
+                let state = match online.idle_secs(now) {
+                    None => NodeState::Active,
+                    Some(secs) => NodeState::Idle {
+                        since_ms: unix_ms() - (secs as i64).saturating_mul(1000),
+                    },
+                };
+                (Some(state), online.session_infos())
+            }
+        };
+        link.publish(PresenceUpdate {
+            user: user.to_owned(),
+            state,
+            sessions,
+        });
+    }
+
+    /// Runs a change of `user`'s presence, then announces and publishes
+    /// what it changed.
+    fn change(&mut self, user: &str, local: bool, work: impl FnOnce(&mut Self, Instant)) {
+        let now = Instant::now();
+        let before = self.shown(user, now);
+        work(self, now);
+        let after = self.shown(user, now);
+        self.announce(user, before, after);
+        if local {
+            self.publish_local(user, now);
+        }
+    }
+
+    /// Applies one node's report of one user, unless an as new one was
+    /// applied already.
+    fn apply_remote(&mut self, node: &str, version: i64, user: &str, state: Option<NodeState>) {
+        let known = self
+            .remote
+            .get(user)
+            .and_then(|nodes| nodes.get(node))
+            .map(|(v, _)| *v);
+        if known.is_some_and(|v| v >= version) {
+            return;
+        }
+        self.change(user, false, |actor, _| {
+            actor
+                .remote
+                .entry(user.to_owned())
+                .or_default()
+                .insert(node.to_owned(), (version, state));
+        });
+    }
+
+    /// Forgets everything a node reported.
+    fn forget_node(&mut self, node: &str) {
+        let users: Vec<String> = self
+            .remote
+            .iter()
+            .filter(|(_, nodes)| nodes.contains_key(node))
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in users {
+            self.change(&user, false, |actor, _| {
+                if let Some(nodes) = actor.remote.get_mut(&user) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        actor.remote.remove(&user);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Every user shown online or idle, in name order, with how.
+    fn shown_users(&self, now: Instant) -> Vec<(&str, Shown)> {
+        if self.remote.is_empty() {
+            return self
+                .online
+                .keys()
+                .map(|user| (user.as_str(), self.local_shown(user, now)))
+                .collect();
+        }
+        let names: BTreeSet<&str> = self
+            .online
+            .keys()
+            .chain(self.remote.keys())
+            .map(String::as_str)
+            .collect();
+        names
+            .into_iter()
+            .map(|user| (user, self.shown(user, now)))
+            .filter(|(_, shown)| *shown != Shown::Offline)
+            .collect()
     }
 
     fn user_list_frames(&mut self) -> Bytes {
@@ -177,52 +387,64 @@ impl PresenceActor {
         if msg.user == crate::FAILPOINT_REGISTER_USER {
             panic!("failpoint: presence actor panic injected in a sign-on");
         }
-        let now = Instant::now();
+        let user = msg.user.clone();
+        let outbound = msg.outbound.clone();
+        self.change(&user, true, |actor, now| {
+            actor
+                .online
+                .entry(msg.user.clone())
+                .or_insert_with(|| OnlineUser::new(&msg.user))
+                .sessions
+                .insert(
+                    msg.session,
+                    Link {
+                        outbound: msg.outbound,
+                        peer: msg.peer,
+                        connected_unix: unix_now(),
+                        idle: None,
+                    },
+                );
+            actor.queue_snapshot(&outbound, now);
+        });
+    }
+
+    /// Queues the sign-on snapshot: every `AddUser`, then the status of
+    /// every user shown online or idle.
+    fn queue_snapshot(&mut self, outbound: &Outbound, now: Instant) {
         let user_list = self.user_list_frames();
-        let online = self
-            .online
-            .entry(msg.user.clone())
-            .or_insert_with(|| OnlineUser::new(&msg.user));
-        let first = online.sessions.is_empty();
-        let was_idle = online.idle_secs(now).is_some();
-        online.sessions.insert(
-            msg.session,
-            Link {
-                outbound: msg.outbound.clone(),
-                peer: msg.peer,
-                connected_unix: unix_now(),
-                idle: None,
-            },
-        );
-        let mut snapshot = Vec::with_capacity(user_list.len() + self.online.len() * 40);
+        let shown = self.shown_users(now);
+        let mut snapshot = Vec::with_capacity(user_list.len() + shown.len() * 40);
         snapshot.extend_from_slice(&user_list);
-        for (user, online) in &self.online {
-            online.write_status(user, now, &mut snapshot);
+        for (user, how) in shown {
+            match (how, self.online.get(user)) {
+                (Shown::Online, Some(online)) => snapshot.extend_from_slice(&online.online_frame),
+                (Shown::Online, None) => {
+                    status(user, Status::Online, None).write_frame(&mut snapshot)
+                }
+                (Shown::Idle(secs), _) => {
+                    status(user, Status::Idle, Some(secs)).write_frame(&mut snapshot)
+                }
+                (Shown::Offline, _) => {}
+            }
         }
-        msg.outbound.push(Bytes::from(snapshot));
-        if first {
-            let frame = self.online[&msg.user].online_frame.clone();
-            self.broadcast_frame_except(&msg.user, frame);
-        } else if was_idle {
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
-        }
+        outbound.push(Bytes::from(snapshot));
     }
 
     fn unregister(&mut self, msg: Unregister) {
-        let now = Instant::now();
-        let Some(online) = self.online.get_mut(&msg.user) else {
+        let Some(online) = self.online.get(&msg.user) else {
             return;
         };
-        let was_idle = online.idle_secs(now).is_some();
-        if online.sessions.remove(&msg.session).is_none() {
+        if !online.sessions.contains_key(&msg.session) {
             return;
         }
-        if online.sessions.is_empty() {
-            self.online.remove(&msg.user);
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Offline, None));
-        } else if let (false, Some(secs)) = (was_idle, online.idle_secs(now)) {
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
-        }
+        self.change(&msg.user, true, |actor, _| {
+            if let Some(online) = actor.online.get_mut(&msg.user) {
+                online.sessions.remove(&msg.session);
+                if online.sessions.is_empty() {
+                    actor.online.remove(&msg.user);
+                }
+            }
+        });
     }
 
     fn set_idle(&mut self, msg: SetIdle) {
@@ -230,35 +452,43 @@ impl PresenceActor {
         if msg.idle_secs == crate::FAILPOINT_PRESENCE_IDLE_SECS {
             panic!("failpoint: presence actor panic injected");
         }
-        let now = Instant::now();
-        let Some(online) = self.online.get_mut(&msg.user) else {
-            return;
-        };
-        let was_idle = online.idle_secs(now).is_some();
-        let Some(link) = online.sessions.get_mut(&msg.session) else {
-            return;
-        };
-        if link.idle.is_some() {
+        let already_idle = self
+            .online
+            .get(&msg.user)
+            .and_then(|online| online.sessions.get(&msg.session))
+            .is_none_or(|link| link.idle.is_some());
+        if already_idle {
             return;
         }
-        link.idle = Some((now, msg.idle_secs));
-        if let (false, Some(secs)) = (was_idle, online.idle_secs(now)) {
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Idle, Some(secs)));
-        }
+        self.change(&msg.user, true, |actor, now| {
+            if let Some(link) = actor
+                .online
+                .get_mut(&msg.user)
+                .and_then(|online| online.sessions.get_mut(&msg.session))
+            {
+                link.idle = Some((now, msg.idle_secs));
+            }
+        });
     }
 
     fn set_active(&mut self, msg: SetActive) {
-        let now = Instant::now();
-        let Some(online) = self.online.get_mut(&msg.user) else {
+        let idle = self
+            .online
+            .get(&msg.user)
+            .and_then(|online| online.sessions.get(&msg.session))
+            .is_some_and(|link| link.idle.is_some());
+        if !idle {
             return;
-        };
-        let was_idle = online.idle_secs(now).is_some();
-        let Some(link) = online.sessions.get_mut(&msg.session) else {
-            return;
-        };
-        if link.idle.take().is_some() && was_idle {
-            self.broadcast_except(&msg.user, &status(&msg.user, Status::Back, None));
         }
+        self.change(&msg.user, true, |actor, _| {
+            if let Some(link) = actor
+                .online
+                .get_mut(&msg.user)
+                .and_then(|online| online.sessions.get_mut(&msg.session))
+            {
+                link.idle = None;
+            }
+        });
     }
 
     fn user_added(&mut self, msg: UserAdded) {
@@ -279,6 +509,52 @@ impl PresenceActor {
         }
     }
 
+    /// The user list as the database has it, to repair missed hints:
+    /// users not known here are announced. Removals are left to their
+    /// hints, since a snapshot read a moment ago may predate a new user.
+    fn users_snapshot(&mut self, msg: UsersSnapshot) {
+        for user in msg.users {
+            if !self.users.contains(&user) {
+                self.user_added(UserAdded { user });
+            }
+        }
+    }
+
+    fn remote_presence(&mut self, msg: RemotePresence) {
+        self.apply_remote(&msg.node, msg.version, &msg.user, msg.state);
+    }
+
+    fn node_gone(&mut self, msg: NodeGone) {
+        self.forget_node(&msg.node);
+    }
+
+    /// Repairs the view of the other nodes from the database: newer
+    /// reports are applied, nodes no longer alive are forgotten.
+    fn remote_snapshot(&mut self, msg: RemoteSnapshot) {
+        let dead: BTreeSet<String> = self
+            .remote
+            .values()
+            .flat_map(|nodes| nodes.keys())
+            .filter(|node| !msg.live_nodes.contains(*node))
+            .cloned()
+            .collect();
+        for node in dead {
+            self.forget_node(&node);
+        }
+        for row in msg.rows {
+            self.apply_remote(&row.node, row.version, &row.user, row.state);
+        }
+    }
+
+    /// Publishes every local user again (this node's lease had run out,
+    /// so the others forgot it).
+    fn republish_local(&mut self, _: RepublishLocal) {
+        let now = Instant::now();
+        for user in self.online.keys() {
+            self.publish_local(user, now);
+        }
+    }
+
     fn close_all(&mut self, _: CloseAll) -> usize {
         let mut closed = 0;
         for online in self.online.values() {
@@ -292,8 +568,7 @@ impl PresenceActor {
 
     fn list_online(&self) -> Vec<UserPresence> {
         let now = Instant::now();
-        let list = self
-            .online
+        self.online
             .iter()
             .map(|(user, online)| {
                 let idle_secs = online.idle_secs(now);
@@ -305,19 +580,10 @@ impl PresenceActor {
                         Status::Online
                     },
                     idle_secs,
-                    sessions: online
-                        .sessions
-                        .values()
-                        .map(|link| SessionInfo {
-                            peer: link.peer.to_string(),
-                            connected_unix: link.connected_unix,
-                            idle: link.idle.is_some(),
-                        })
-                        .collect(),
+                    sessions: online.session_infos(),
                 }
             })
-            .collect();
-        list
+            .collect()
     }
 }
 
@@ -353,6 +619,11 @@ contained_handler!(SetActive => set_active, (), || ());
 contained_handler!(UserAdded => user_added, (), || ());
 contained_handler!(UserRemoved => user_removed, (), || ());
 contained_handler!(CloseAll => close_all, usize, || 0);
+contained_handler!(UsersSnapshot => users_snapshot, (), || ());
+contained_handler!(RemotePresence => remote_presence, (), || ());
+contained_handler!(NodeGone => node_gone, (), || ());
+contained_handler!(RemoteSnapshot => remote_snapshot, (), || ());
+contained_handler!(RepublishLocal => republish_local, (), || ());
 
 impl Handler<ListOnline> for PresenceActor {
     type Result = MessageResult<ListOnline>;

@@ -26,6 +26,8 @@ pub struct Services {
     pub auth: Arc<Authenticator>,
     pub presence: Addr<PresenceActor>,
     pub mailbox: MailboxHandle,
+    /// This node, when several share a PostgreSQL database.
+    pub cluster: Option<Arc<crate::cluster::Node>>,
     /// Set at shutdown: new message streams are answered `unavailable`.
     pub shutting_down: AtomicBool,
     /// Message streams in flight, awaited at shutdown.

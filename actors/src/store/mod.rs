@@ -37,6 +37,9 @@ pub enum StoreError {
     Corrupt { key: String, detail: String },
     #[error("message file: {0}")]
     File(#[from] std::io::Error),
+    /// The shared database's schema does not fit this build.
+    #[error("database schema: {0}")]
+    Schema(String),
     #[error("user {0} already exists")]
     UserExists(String),
 }
