@@ -1,8 +1,21 @@
-//! Test harness: a real server (real TLS, real sled in a temp directory) on
-//! its own thread and actix system, bound to 127.0.0.1:0, plus helpers that
-//! speak the protocols through the project's client code.
+//! Test harness: a real server (real TLS, real sled in a temp directory or
+//! a real PostgreSQL started by the tests) on its own thread and actix
+//! system, bound to 127.0.0.1:0, plus helpers that speak the protocols
+//! through the project's client code.
 
 #![allow(dead_code)]
+
+#[cfg(csm_postgres)]
+pub mod postgres;
+
+/// Which store a test server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    /// A database of this test binary's PostgreSQL cluster.
+    #[cfg(csm_postgres)]
+    Postgres,
+}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -78,12 +91,41 @@ impl TestServer {
 
     /// A server on `dir` (kept after the server stops).
     pub fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_in_on(Backend::Sled, dir, tweak)
+    }
+
+    /// A server on `backend` with a fresh temp directory.
+    pub fn start_on(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = TestServer::start_in_on(backend, temp.path(), tweak);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server on `backend` with data directory `dir`; on PostgreSQL the
+    /// database is named after `dir`, so a restart in `dir` finds it.
+    pub fn start_in_on(
+        backend: Backend,
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestServer {
         let mut config = Config {
             data_dir: dir.to_owned(),
             session_addr: "127.0.0.1:0".into(),
             message_addr: "127.0.0.1:0".into(),
             ..Config::default()
         };
+        match backend {
+            Backend::Sled => {}
+            #[cfg(csm_postgres)]
+            Backend::Postgres => {
+                let cluster = postgres::Postgres::shared();
+                config.store.backend = csm::config::Backend::Postgres;
+                config.store.url = Some(cluster.database_for(dir));
+                config.store.pool_size = 6;
+                config.store.committers = 2;
+            }
+        }
         tweak(&mut config);
         let pinned = config
             .cert
