@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Arbiter};
+use actix::{Actor, Arbiter};
 use anyhow::{Context, Result};
 use csm_actors::auth::{AuthSettings, Authenticator};
 use csm_actors::cluster::{self, ClusterLink, Node, NodeTargets, PgDirectory, PgMail, PgSettings};
@@ -15,6 +15,7 @@ use csm_actors::mailbox::MailboxActor;
 use csm_actors::mailbox_handle::MailboxHandle;
 use csm_actors::mailboxes::Mailboxes;
 use csm_actors::presence::PresenceActor;
+use csm_actors::services::Backing;
 use csm_actors::shared_mailbox::SharedMailboxActor;
 use csm_actors::store::{Directory, Flusher, GroupCommit, SledDirectory, SledStore, Store};
 
@@ -27,11 +28,7 @@ const MAX_WAITING_COMMITS: usize = 65_536;
 
 /// An open store with the actors that serve it.
 pub struct Opened {
-    pub users: Arc<dyn Directory>,
-    pub auth: Arc<Authenticator>,
-    pub presence: Addr<PresenceActor>,
-    pub mailbox: MailboxHandle,
-    pub cluster: Option<Arc<Node>>,
+    pub backing: Backing,
     running: Running,
 }
 
@@ -119,11 +116,13 @@ impl Opened {
         let mailbox =
             actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| mailbox_actor);
         Ok(Opened {
-            users,
-            auth,
-            presence,
-            mailbox: MailboxHandle::of(&mailbox),
-            cluster: None,
+            backing: Backing {
+                users,
+                auth,
+                presence,
+                mailbox: MailboxHandle::of(&mailbox),
+                shared_db: None,
+            },
             running: Running::Sled {
                 store,
                 commit,
@@ -163,7 +162,7 @@ impl Opened {
                 .context("joining the cluster")?,
         );
         let mail = PgMail::start(
-            pool,
+            pool.clone(),
             node.name().to_owned(),
             mailbox_settings(config),
             config.store.committers,
@@ -180,11 +179,13 @@ impl Opened {
             },
         );
         Ok(Opened {
-            users,
-            auth,
-            presence,
-            mailbox: MailboxHandle::of(&mailbox),
-            cluster: Some(node.clone()),
+            backing: Backing {
+                users,
+                auth,
+                presence,
+                mailbox: MailboxHandle::of(&mailbox),
+                shared_db: Some(pool),
+            },
             running: Running::Postgres { node },
         })
     }
@@ -218,7 +219,7 @@ impl Opened {
                     .stats()
                     .commits
                     .load(std::sync::atomic::Ordering::Relaxed);
-                drop((commit, self.users, self.auth, self.mailbox));
+                drop((commit, self.backing));
                 arbiter.stop();
                 if arbiter.join().is_err() {
                     log::warn!("the mailbox thread did not stop cleanly");

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,6 @@ use csm_actors::mailbox::MailboxSettings;
 use csm_actors::messages::CloseAll;
 use csm_actors::services::Services;
 use csm_actors::store::Store;
-use csm_actors::throttle::{LoginThrottle, ThrottleSettings};
 use csm_actors::{courier, session};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -99,20 +98,11 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
 
     let backend = Opened::open(&config, session_listener.local_addr()?.port()).await?;
-    let services = Arc::new(Services {
-        limits: config.limits.clone(),
-        timeouts: config.timeouts.clone(),
-        users: backend.users.clone(),
-        auth: backend.auth.clone(),
-        presence: backend.presence.clone(),
-        mailbox: backend.mailbox.clone(),
-        cluster: backend.cluster.clone(),
-        shutting_down: AtomicBool::new(false),
-        exchanges: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
-        per_address: Default::default(),
-        throttle: LoginThrottle::new(ThrottleSettings::default()),
-    });
+    let services = Arc::new(Services::new(
+        config.limits.clone(),
+        config.timeouts.clone(),
+        backend.backing.clone(),
+    ));
 
     let admin = AdminSocket::bind(&config::admin_socket(&config.data_dir), services.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);

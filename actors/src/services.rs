@@ -15,7 +15,7 @@ use crate::presence::PresenceActor;
 use crate::proto::names::{valid_password, valid_username};
 use crate::settings::{Limits, Timeouts};
 use crate::store::Directory;
-use crate::throttle::{Gate, LoginThrottle};
+use crate::throttle::{Gate, LoginThrottle, ThrottleSettings};
 
 /// Shared by all connections of one server.
 pub struct Services {
@@ -26,8 +26,9 @@ pub struct Services {
     pub auth: Arc<Authenticator>,
     pub presence: Addr<PresenceActor>,
     pub mailbox: MailboxHandle,
-    /// This node, when several share a PostgreSQL database.
-    pub cluster: Option<Arc<crate::cluster::Node>>,
+    /// The shared database, when several nodes share one (for the views
+    /// of every node, such as `admin sessions`).
+    pub shared_db: Option<deadpool_postgres::Pool>,
     /// Set at shutdown: new message streams are answered `unavailable`.
     pub shutting_down: AtomicBool,
     /// Message streams in flight, awaited at shutdown.
@@ -40,7 +41,42 @@ pub struct Services {
     pub throttle: LoginThrottle,
 }
 
+/// What an open store gives the connection handlers.
+#[derive(Clone)]
+pub struct Backing {
+    pub users: Arc<dyn Directory>,
+    pub auth: Arc<Authenticator>,
+    pub presence: Addr<PresenceActor>,
+    pub mailbox: MailboxHandle,
+    pub shared_db: Option<deadpool_postgres::Pool>,
+}
+
 impl Services {
+    /// The services of a server on `backing`, with nothing open yet.
+    pub fn new(limits: Limits, timeouts: Timeouts, backing: Backing) -> Services {
+        let Backing {
+            users,
+            auth,
+            presence,
+            mailbox,
+            shared_db,
+        } = backing;
+        Services {
+            limits,
+            timeouts,
+            users,
+            auth,
+            presence,
+            mailbox,
+            shared_db,
+            shutting_down: AtomicBool::new(false),
+            exchanges: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            per_address: Default::default(),
+            throttle: LoginThrottle::new(ThrottleSettings::default()),
+        }
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }

@@ -1,6 +1,7 @@
 //! `csm admin`: manage users against a running server (through the admin
 //! socket in the data directory) or, when none runs, directly on the store.
 
+pub mod direct;
 pub mod offline;
 pub mod output;
 pub mod protocol;
@@ -26,6 +27,10 @@ pub struct AdminArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The PostgreSQL database of a cluster: used directly when no server
+    /// answers on the data directory's admin socket.
+    #[arg(long, value_name = "URL", env = "CSM_STORE_URL", global = true)]
+    pub store_url: Option<String>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -104,7 +109,7 @@ pub fn run(args: AdminArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match execute(&args.data_dir, request) {
+    match execute_on(&args.data_dir, args.store_url.as_deref(), request) {
         Ok(reply) => {
             if let (
                 AdminCommand::Mailbox(MailboxCommand::Show {
@@ -203,10 +208,18 @@ fn build_request(command: &AdminCommand) -> Result<Request, String> {
 /// Sends `request` to the running server, or runs it on the store when no
 /// server answers.
 pub fn execute(data_dir: &Path, request: Request) -> Outcome {
+    execute_on(data_dir, None, request)
+}
+
+/// Sends `request` to the server running on `data_dir`, or when none
+/// answers runs it on the PostgreSQL database at `store_url` if given, or
+/// on the embedded store in `data_dir`.
+pub fn execute_on(data_dir: &Path, store_url: Option<&str>, request: Request) -> Outcome {
     let socket = admin_socket(data_dir);
-    match UnixStream::connect(&socket) {
-        Ok(stream) => over_socket(stream, &request),
-        Err(socket_error) => offline::execute(data_dir, request).map_err(|failure| {
+    match (UnixStream::connect(&socket), store_url) {
+        (Ok(stream), _) => over_socket(stream, &request),
+        (Err(_), Some(url)) => direct::execute(url, data_dir, request),
+        (Err(socket_error), None) => offline::execute(data_dir, request).map_err(|failure| {
             if failure.kind == FailureKind::Internal && offline::is_locked(&failure) {
                 Failure::internal(format!(
                     "the store in {} is locked by another process, and no server answers on {} ({socket_error})",

@@ -108,23 +108,29 @@ pub fn print_reply(reply: &Reply, json: bool) {
             print_table(&["USER", "MESSAGES", "BYTES"], &rows);
         }
         Reply::Sessions { sessions } => {
+            let clustered = sessions.iter().any(|s| s.node.is_some());
             let rows: Vec<Vec<String>> = sessions
                 .iter()
                 .map(|s| {
-                    vec![
+                    let mut row = vec![
                         s.user.clone(),
                         format!("{:?}", s.status).to_uppercase(),
                         s.idle_secs.map_or_else(|| "-".into(), format_secs),
                         s.session_count.to_string(),
                         s.peer.clone(),
                         format!("{} ago", age(s.connected_unix)),
-                    ]
+                    ];
+                    if clustered {
+                        row.push(s.node.clone().unwrap_or_default());
+                    }
+                    row
                 })
                 .collect();
-            print_table(
-                &["USER", "STATUS", "IDLE", "SESSIONS", "PEER", "CONNECTED"],
-                &rows,
-            );
+            let mut headers = vec!["USER", "STATUS", "IDLE", "SESSIONS", "PEER", "CONNECTED"];
+            if clustered {
+                headers.push("NODE");
+            }
+            print_table(&headers, &rows);
         }
     }
 }

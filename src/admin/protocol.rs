@@ -125,6 +125,9 @@ pub struct SessionRow {
     pub session_count: usize,
     pub peer: String,
     pub connected_unix: u64,
+    /// The node serving the session, when several share a database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One attachment of a shown message.

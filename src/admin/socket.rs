@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use csm_actors::messages::{
     Backup, DropMailbox, Fetch, ListMailbox, ListOnline, MailboxStatsRequest, Purge, Remove,
-    UserAdded, UserRemoved,
+    UserAdded, UserPresence, UserRemoved,
 };
 use csm_actors::proto::lines::read_line;
 use csm_actors::proto::Status;
@@ -104,7 +104,7 @@ async fn handle(stream: UnixStream, services: Arc<Services>, data_dir: PathBuf) 
     let _ = writer.shutdown().await;
 }
 
-async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outcome {
+pub async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outcome {
     let mailbox = &services.mailbox;
     let unreachable = |e: actix::MailboxError| Failure::internal(format!("mailbox actor: {e}"));
     match request {
@@ -141,6 +141,22 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
             done(format!("user {name} added"))
         }
         Request::UserRemove { name } => {
+            if services
+                .users
+                .get_user(&name)
+                .await
+                .map_err(Failure::internal)?
+                .is_none()
+            {
+                return Err(Failure::not_found(format!("no user {name}")));
+            }
+            // The mailbox first, so that the count is what was waiting; the
+            // removal takes whatever a send slipped in meanwhile.
+            let dropped = mailbox
+                .send(DropMailbox { user: name.clone() })
+                .await
+                .map_err(unreachable)?
+                .map_err(Failure::from_stream)?;
             if !services
                 .users
                 .remove_user(&name)
@@ -153,11 +169,6 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
             services
                 .presence
                 .do_send(UserRemoved { user: name.clone() });
-            let dropped = mailbox
-                .send(DropMailbox { user: name.clone() })
-                .await
-                .map_err(unreachable)?
-                .map_err(Failure::from_stream)?;
             metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(dropped as u64);
             log::info!("admin: user {name} removed with {dropped} waiting messages");
             done(format!(
@@ -197,11 +208,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                 .list_users()
                 .await
                 .map_err(Failure::internal)?;
-            let online = services
-                .presence
-                .send(ListOnline)
-                .await
-                .map_err(Failure::internal)?;
+            let online = online_users(services).await?;
             let mut online: HashMap<_, _> =
                 online.into_iter().map(|p| (p.user.clone(), p)).collect();
             let users = names
@@ -300,11 +307,7 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
             done(format!("backup written to {dir}"))
         }
         Request::Sessions => {
-            let online = services
-                .presence
-                .send(ListOnline)
-                .await
-                .map_err(Failure::internal)?;
+            let online = online_users(services).await?;
             let sessions = online
                 .into_iter()
                 .flat_map(|p| {
@@ -316,11 +319,27 @@ async fn execute(request: Request, services: &Services, data_dir: &Path) -> Outc
                         session_count: count,
                         peer: s.peer,
                         connected_unix: s.connected_unix,
+                        node: s.node,
                     })
                 })
                 .collect();
             Ok(Reply::Sessions { sessions })
         }
+    }
+}
+
+/// Every signed-on user with their sessions: this server's, or with a
+/// shared database every node's.
+async fn online_users(services: &Services) -> Result<Vec<UserPresence>, Failure> {
+    match &services.shared_db {
+        Some(pool) => csm_actors::cluster::cluster_presence(pool)
+            .await
+            .map_err(Failure::internal),
+        None => services
+            .presence
+            .send(ListOnline)
+            .await
+            .map_err(Failure::internal),
     }
 }
 

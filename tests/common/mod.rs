@@ -38,6 +38,8 @@ pub struct TestServer {
     pub session_addr: SocketAddr,
     pub message_addr: SocketAddr,
     pub connector: Connector,
+    /// The PostgreSQL database, on that backend.
+    pub store_url: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<ServerThread>,
 }
@@ -127,6 +129,7 @@ impl TestServer {
             }
         }
         tweak(&mut config);
+        let store_url = config.store.url.clone();
         let pinned = config
             .cert
             .clone()
@@ -153,6 +156,7 @@ impl TestServer {
             connector: Connector::new(
                 csm::tls::pinned_client_config_from_pem(&pinned).expect("connector"),
             ),
+            store_url,
             stop: Some(stop_tx),
             thread: Some(thread),
         }

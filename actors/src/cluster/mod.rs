@@ -26,7 +26,10 @@ use crate::store::StoreError;
 pub use directory::PgDirectory;
 pub use hint::{Hint, MailHint, NodeState, CHANNEL};
 pub use mail::{Accepted, PgMail};
-pub use node::{cluster_sessions, ClusterLink, Node, NodeSessions, NodeTargets, PresenceUpdate};
+pub use node::{
+    cluster_presence, cluster_sessions, ClusterLink, Node, NodeSessions, NodeTargets,
+    PresenceUpdate,
+};
 pub use schema::SCHEMA_VERSION;
 
 /// How to reach the database and how this node takes part.

@@ -25,9 +25,10 @@ use tokio_postgres::AsyncMessage;
 use crate::auth::Authenticator;
 use crate::messages::{
     MailNotice, NodeGone, RemotePresence, RemoteRow, RemoteSnapshot, RepublishLocal, Rescan,
-    SessionInfo, UserAdded, UserRemoved, UsersSnapshot,
+    SessionInfo, UserAdded, UserPresence, UserRemoved, UsersSnapshot,
 };
 use crate::presence::PresenceActor;
+use crate::proto::Status;
 use crate::store::{unix_now, StoreError};
 
 use super::{db_error, pg_config, pool_error, Hint, NodeState, PgSettings, CHANNEL};
@@ -261,6 +262,40 @@ pub async fn cluster_sessions(pool: &Pool) -> Result<Vec<NodeSessions>, StoreErr
             })
         })
         .collect())
+}
+
+/// Every user signed on at any live node, with every session, as the
+/// admin shows them: idle when idle on every node, for the shortest time.
+pub async fn cluster_presence(pool: &Pool) -> Result<Vec<UserPresence>, StoreError> {
+    let now_ms = unix_micros() / 1000;
+    let mut users: Vec<UserPresence> = Vec::new();
+    for row in cluster_sessions(pool).await? {
+        let idle_secs = match row.state {
+            NodeState::Active => None,
+            NodeState::Idle { since_ms } => Some((now_ms - since_ms).max(0) as u64 / 1000),
+        };
+        match users.last_mut() {
+            Some(user) if user.user == row.user => {
+                user.idle_secs = match (user.idle_secs, idle_secs) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    _ => None,
+                };
+                user.sessions.extend(row.sessions);
+            }
+            _ => users.push(UserPresence {
+                user: row.user,
+                status: Status::Online,
+                idle_secs,
+                sessions: row.sessions,
+            }),
+        }
+    }
+    for user in &mut users {
+        if user.idle_secs.is_some() {
+            user.status = Status::Idle;
+        }
+    }
+    Ok(users)
 }
 
 fn unix_micros() -> i64 {
