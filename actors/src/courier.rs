@@ -135,8 +135,8 @@ where
             LoginOutcome::Accepted => {}
             LoginOutcome::WrongCredentials => return Err(answer(ErrorCode::Auth, AUTH_REFUSED)),
             LoginOutcome::Throttled(reason) => return Err(answer(ErrorCode::Unavailable, reason)),
-            LoginOutcome::Busy => {
-                return Err(answer(ErrorCode::Unavailable, "server busy; try again"))
+            LoginOutcome::Unavailable(reason) => {
+                return Err(answer(ErrorCode::Unavailable, reason))
             }
             LoginOutcome::Failed(e) => {
                 return Err(answer(
@@ -267,7 +267,14 @@ where
                     .users
                     .get_user(recipient)
                     .await
-                    .map_err(|e| answer(ErrorCode::Internal, format!("user lookup failed: {e}")))?
+                    .map_err(|e| {
+                        let code = if e.is_transient() {
+                            ErrorCode::Unavailable
+                        } else {
+                            ErrorCode::Internal
+                        };
+                        answer(code, format!("user lookup failed: {e}"))
+                    })?
                     .is_some();
             if !exists {
                 return Err(answer(

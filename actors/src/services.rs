@@ -110,8 +110,9 @@ pub enum LoginOutcome {
     WrongCredentials,
     /// Too many failures from this address; the text says so.
     Throttled(String),
-    /// The password checks are saturated.
-    Busy,
+    /// The password checks are saturated, or the store cannot be reached;
+    /// the text says which. Worth a retry.
+    Unavailable(String),
     Failed(String),
 }
 
@@ -140,7 +141,10 @@ impl Services {
                 }
                 LoginOutcome::WrongCredentials
             }
-            Err(AuthError::Busy) => LoginOutcome::Busy,
+            Err(AuthError::Busy) => LoginOutcome::Unavailable("server busy; try again".into()),
+            Err(AuthError::Store(e)) if e.is_transient() => {
+                LoginOutcome::Unavailable(format!("{e}; try again"))
+            }
             Err(e) => LoginOutcome::Failed(e.to_string()),
         }
     }

@@ -63,7 +63,7 @@ where
         LoginOutcome::Accepted => None,
         LoginOutcome::WrongCredentials => Some(LOGIN_REFUSED.to_owned()),
         LoginOutcome::Throttled(reason) => Some(reason),
-        LoginOutcome::Busy => Some("server busy; try again later".to_owned()),
+        LoginOutcome::Unavailable(reason) => Some(reason),
         LoginOutcome::Failed(e) => {
             log::error!("login check for {username} failed: {e}");
             Some("internal error; try again later".to_owned())

@@ -49,6 +49,12 @@ impl StoreError {
     pub fn is_locked(&self) -> bool {
         matches!(self, StoreError::Locked(_))
     }
+
+    /// True when a later attempt may succeed (the shared database is
+    /// unreachable or restarting): answered `unavailable`, not `internal`.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 impl From<sled::Error> for StoreError {
