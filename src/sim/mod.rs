@@ -31,7 +31,7 @@ use crate::client::Connector;
 use content::ContentSpec;
 use ledger::{Count, Ledger, Metric};
 use report::{Hold, Machine, Report, ServerUsage};
-use target::{process_usage, Spawned};
+use target::{process_usage, NodeAddrs, Spawned};
 use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
 
 /// A scenario; every field has a default, and a TOML file or flags set them.
@@ -150,12 +150,22 @@ pub struct SimArgs {
     /// Configuration file for the spawned server.
     #[arg(long, requires = "spawn")]
     pub server_config: Option<PathBuf>,
-    /// An external server's session address.
+    /// Spawn this many nodes sharing the PostgreSQL database of
+    /// --store-url (implies --spawn).
+    #[arg(long, value_name = "N", requires = "store_url")]
+    pub spawn_nodes: Option<usize>,
+    /// The PostgreSQL database the spawned nodes share; users are created
+    /// in it directly.
+    #[arg(long, value_name = "URL")]
+    pub store_url: Option<String>,
+    /// An external server's session address; repeat it for each node of a
+    /// cluster (users are spread over the nodes in turn).
     #[arg(long)]
-    pub session_addr: Option<SocketAddr>,
-    /// An external server's message address.
+    pub session_addr: Vec<SocketAddr>,
+    /// An external server's message address; one per --session-addr, in
+    /// the same order.
     #[arg(long)]
-    pub message_addr: Option<SocketAddr>,
+    pub message_addr: Vec<SocketAddr>,
     /// The external server's data directory: its certificate is pinned and
     /// users are created through its admin socket.
     #[arg(long)]
@@ -163,9 +173,10 @@ pub struct SimArgs {
     /// Pin this PEM certificate instead (users must exist).
     #[arg(long)]
     pub cert: Option<PathBuf>,
-    /// The server's process id, to report its CPU and memory.
+    /// The server's process id, to report its CPU and memory; repeat it
+    /// for each node (their CPU and memory are added up).
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Measure this machine's TLS and argon2 ceilings first.
     #[arg(long)]
     pub baseline: bool,
@@ -226,12 +237,13 @@ impl SimArgs {
     }
 }
 
-/// The server a scenario runs against.
+/// The server a scenario runs against: one node, or several acting as one
+/// (with one certificate).
 pub struct TargetInfo {
     pub connector: Connector,
-    pub session_addr: SocketAddr,
-    pub message_addr: SocketAddr,
-    pub server_pid: Option<u32>,
+    pub nodes: Vec<NodeAddrs>,
+    /// Process ids whose CPU and memory are reported (added up).
+    pub server_pids: Vec<u32>,
 }
 
 /// The simulated users' names and passwords.
@@ -278,27 +290,37 @@ fn run_cli(args: SimArgs) -> Result<bool> {
     };
     let credentials = user_credentials(&scenario);
     let spawned;
-    let target = if args.spawn {
+    let target = if args.spawn || args.spawn_nodes.is_some() {
+        let nodes = args.spawn_nodes.unwrap_or(1).max(1);
         eprintln!(
-            "creating {} users and starting a server…",
+            "creating {} users and starting {nodes} server node(s)…",
             credentials.len()
         );
-        let extra: Vec<String> = match &args.server_config {
+        let mut extra: Vec<String> = match &args.server_config {
             Some(path) => vec!["--config".into(), path.display().to_string()],
             None => Vec::new(),
         };
-        spawned = Spawned::start(&credentials, &extra)?;
+        if let Some(url) = &args.store_url {
+            extra.extend(["--store-url".into(), url.clone()]);
+        }
+        spawned = Spawned::start(&credentials, &extra, args.store_url.as_deref(), nodes)?;
         TargetInfo {
-            connector: Connector::for_data_dir(&spawned.data_dir)?,
-            session_addr: spawned.session_addr,
-            message_addr: spawned.message_addr,
-            server_pid: Some(spawned.pid()),
+            connector: Connector::for_data_dir(spawned.first_data_dir())?,
+            nodes: spawned.nodes(),
+            server_pids: spawned.pids(),
         }
     } else {
-        let (Some(session_addr), Some(message_addr)) = (args.session_addr, args.message_addr)
-        else {
-            bail!("give --spawn, or --session-addr and --message-addr of a running server");
-        };
+        if args.session_addr.is_empty() || args.session_addr.len() != args.message_addr.len() {
+            bail!(
+                "give --spawn, or one --message-addr for each --session-addr of a running server"
+            );
+        }
+        let nodes = args
+            .session_addr
+            .iter()
+            .zip(&args.message_addr)
+            .map(|(&session, &message)| NodeAddrs { session, message })
+            .collect();
         let connector = match (&args.cert, &args.data_dir) {
             (Some(cert), _) => Connector::new(crate::tls::pinned_client_config_from_pem(cert)?),
             (None, Some(dir)) => Connector::for_data_dir(dir)?,
@@ -313,9 +335,8 @@ fn run_cli(args: SimArgs) -> Result<bool> {
         }
         TargetInfo {
             connector,
-            session_addr,
-            message_addr,
-            server_pid: args.server_pid,
+            nodes,
+            server_pids: args.server_pid.clone(),
         }
     };
     let system = actix::System::new();
@@ -424,7 +445,8 @@ pub async fn run_scenario(
     progress: bool,
 ) -> Result<Report> {
     let ledger = Ledger::new();
-    let sources = if target.session_addr.ip().is_loopback() && target.session_addr.is_ipv4() {
+    let first = target.nodes.first().context("no server to run against")?;
+    let sources = if first.session.ip().is_loopback() && first.session.is_ipv4() {
         (0..scenario.source_ips.min(250))
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8)))
             .collect()
@@ -433,8 +455,7 @@ pub async fn run_scenario(
     };
     let world = Arc::new(World {
         connector: target.connector.clone(),
-        session_addr: target.session_addr,
-        message_addr: target.message_addr,
+        nodes: target.nodes.clone(),
         ledger: ledger.clone(),
         users: scenario.users,
         content: scenario.content,
@@ -452,7 +473,7 @@ pub async fn run_scenario(
     };
     let bar = progress_bar(progress, &ledger);
     let started_unix = csm_actors::store::unix_now();
-    let usage_before = target.server_pid.and_then(process_usage);
+    let usage_before = process_usage(&target.server_pids);
     let offline = ((scenario.users as f64) * scenario.offline_fraction).round() as usize;
     let first: Vec<usize> = (0..scenario.users - offline).collect();
     let later: Vec<usize> = (scenario.users - offline..scenario.users).collect();
@@ -483,7 +504,7 @@ pub async fn run_scenario(
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let after = target.server_pid.and_then(process_usage);
+        let after = process_usage(&target.server_pids);
         if let (Some(before), Some(after)) = (usage_before, after) {
             let sessions = driver.online.len() as u64;
             hold = Some(Hold {
@@ -528,7 +549,7 @@ pub async fn run_scenario(
     } else {
         ledger.verdict()
     };
-    let usage_after = target.server_pid.and_then(process_usage);
+    let usage_after = process_usage(&target.server_pids);
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -5,86 +5,134 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use csm_actors::auth::hash_password;
-use csm_actors::store::{unix_now, SledStore, Store, StoreError, UserRecord};
+use csm_actors::store::{unix_now, Directory, SledStore, Store, StoreError, UserRecord};
 
 use crate::admin::protocol::{Failure, FailureKind, Request};
 use crate::config::store_dir;
 
-/// A server started by the simulator; killed when dropped.
-pub struct Spawned {
+/// Where one node of the server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAddrs {
+    pub session: SocketAddr,
+    pub message: SocketAddr,
+}
+
+/// One spawned `csm serve` process.
+struct Node {
     child: Child,
     _dir: tempfile::TempDir,
-    pub data_dir: PathBuf,
-    pub session_addr: SocketAddr,
-    pub message_addr: SocketAddr,
+    data_dir: PathBuf,
+    addrs: NodeAddrs,
+}
+
+/// A server started by the simulator (one node, or several on one
+/// PostgreSQL database); killed when dropped.
+pub struct Spawned {
+    nodes: Vec<Node>,
 }
 
 impl Spawned {
-    /// Creates `users` in a fresh data directory, then starts `csm serve`
-    /// on it with free loopback ports and waits until it is ready.
-    pub fn start(users: &[(String, String)], extra_args: &[String]) -> Result<Spawned> {
-        let dir = tempfile::tempdir().context("creating a temporary data directory")?;
-        let data_dir = dir.path().to_owned();
-        add_users_offline(&data_dir, users)?;
-        let session_addr = free_port()?;
-        let message_addr = free_port()?;
-        let exe = std::env::current_exe().context("finding the csm binary")?;
-        let child = Command::new(exe)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--session-addr", &session_addr.to_string()])
-            .args(["--message-addr", &message_addr.to_string()])
-            .args(extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("CSM_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting csm serve")?;
-        let spawned = Spawned {
-            child,
-            _dir: dir,
-            data_dir,
-            session_addr,
-            message_addr,
-        };
-        let started = Instant::now();
-        while !spawned.data_dir.join("admin.sock").exists() {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the spawned server did not become ready in 30 s");
+    /// Creates `users` (in a fresh data directory, or in the database at
+    /// `store_url`), then starts `nodes` `csm serve` processes with free
+    /// loopback ports and waits until each is ready. The first node makes
+    /// the certificate; the others serve the same one, as nodes behind one
+    /// name do.
+    pub fn start(
+        users: &[(String, String)],
+        extra_args: &[String],
+        store_url: Option<&str>,
+        nodes: usize,
+    ) -> Result<Spawned> {
+        let mut spawned = Spawned { nodes: Vec::new() };
+        for index in 0..nodes.max(1) {
+            let dir = tempfile::tempdir().context("creating a temporary data directory")?;
+            let data_dir = dir.path().to_owned();
+            let mut args = extra_args.to_vec();
+            match (index, store_url) {
+                (0, None) => add_users_offline(&data_dir, users)?,
+                (0, Some(url)) => add_users_to_database(url, users)?,
+                _ => {
+                    let (cert, key) = crate::tls::dev_cert_paths(&spawned.nodes[0].data_dir);
+                    args.extend([
+                        "--cert".into(),
+                        cert.display().to_string(),
+                        "--key".into(),
+                        key.display().to_string(),
+                    ]);
+                }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let addrs = NodeAddrs {
+                session: free_port()?,
+                message: free_port()?,
+            };
+            let exe = std::env::current_exe().context("finding the csm binary")?;
+            let child = Command::new(exe)
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .args(["--session-addr", &addrs.session.to_string()])
+                .args(["--message-addr", &addrs.message.to_string()])
+                .args(&args)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("CSM_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting csm serve")?;
+            spawned.nodes.push(Node {
+                child,
+                _dir: dir,
+                data_dir: data_dir.clone(),
+                addrs,
+            });
+            let started = Instant::now();
+            while !data_dir.join("admin.sock").exists() {
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!("spawned node {index} did not become ready in 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Ok(spawned)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn first_data_dir(&self) -> &Path {
+        &self.nodes[0].data_dir
+    }
+
+    pub fn nodes(&self) -> Vec<NodeAddrs> {
+        self.nodes.iter().map(|node| node.addrs).collect()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|node| node.child.id()).collect()
     }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
         // SIGTERM first, for a clean shutdown; then make sure.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        for node in &self.nodes {
+            unsafe {
+                libc::kill(node.child.id() as i32, libc::SIGTERM);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        for node in &mut self.nodes {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = node.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let _ = node.child.kill();
+            let _ = node.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -93,45 +141,92 @@ fn free_port() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// Creates users directly in a stopped server's store, hashing on every
-/// core; users that exist are left as they are.
-pub fn add_users_offline(data_dir: &Path, users: &[(String, String)]) -> Result<()> {
-    std::fs::create_dir_all(data_dir)?;
-    let store = Arc::new(SledStore::open(&store_dir(data_dir))?);
+/// The records of `users`, hashed on every core.
+fn hash_users(users: &[(String, String)]) -> Result<Vec<(String, UserRecord)>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = users.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| -> Result<()> {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = users
             .chunks(chunk)
             .map(|part| {
-                let store = store.clone();
-                scope.spawn(move || -> Result<()> {
-                    for (name, password) in part {
-                        if store.get_user(name)?.is_some() {
-                            continue;
-                        }
-                        let record = UserRecord {
-                            password_hash: hash_password(password)?,
-                            created_unix: unix_now(),
-                        };
-                        match store.add_user(name, &record) {
-                            Ok(()) | Err(StoreError::UserExists(_)) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    Ok(())
+                scope.spawn(move || -> Result<Vec<(String, UserRecord)>> {
+                    part.iter()
+                        .map(|(name, password)| {
+                            Ok((
+                                name.clone(),
+                                UserRecord {
+                                    password_hash: hash_password(password)?,
+                                    created_unix: unix_now(),
+                                },
+                            ))
+                        })
+                        .collect()
                 })
             })
             .collect();
+        let mut records = Vec::with_capacity(users.len());
         for handle in handles {
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("a hashing thread panicked"))??;
+            records.extend(
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a hashing thread panicked"))??,
+            );
         }
-        Ok(())
-    })?;
+        Ok(records)
+    })
+}
+
+/// Creates users directly in a stopped server's store; users that exist
+/// are left as they are.
+pub fn add_users_offline(data_dir: &Path, users: &[(String, String)]) -> Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    let store = SledStore::open(&store_dir(data_dir))?;
+    let missing: Vec<(String, String)> = users
+        .iter()
+        .filter(|(name, _)| !matches!(store.get_user(name), Ok(Some(_))))
+        .cloned()
+        .collect();
+    for (name, record) in hash_users(&missing)? {
+        match store.add_user(&name, &record) {
+            Ok(()) | Err(StoreError::UserExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     store.flush()?;
     Ok(())
+}
+
+/// Creates users directly in a PostgreSQL database (migrating its schema
+/// if it is new); users that exist are left as they are.
+pub fn add_users_to_database(url: &str, users: &[(String, String)]) -> Result<()> {
+    let settings = csm_actors::cluster::PgSettings {
+        url: url.to_owned(),
+        node: "csm-sim".into(),
+        pool_size: 2,
+        lease: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let pool = csm_actors::cluster::open_pool(&settings).await?;
+        let directory = csm_actors::cluster::PgDirectory::new(pool);
+        let existing: std::collections::HashSet<String> =
+            directory.list_users().await?.into_iter().collect();
+        let missing: Vec<(String, String)> = users
+            .iter()
+            .filter(|(name, _)| !existing.contains(name))
+            .cloned()
+            .collect();
+        for (name, record) in hash_users(&missing)? {
+            match directory.add_user(&name, &record).await {
+                Ok(()) | Err(StoreError::UserExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Creates users on a running server through its admin socket.
@@ -161,8 +256,24 @@ pub struct ProcessUsage {
     pub peak_rss_kib: u64,
 }
 
+/// The usage of several processes added up; `None` if there are none or
+/// one cannot be seen.
+pub fn process_usage(pids: &[u32]) -> Option<ProcessUsage> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(ProcessUsage::default(), |sum, &pid| {
+        let one = one_process_usage(pid)?;
+        Some(ProcessUsage {
+            cpu_secs: sum.cpu_secs + one.cpu_secs,
+            rss_kib: sum.rss_kib + one.rss_kib,
+            peak_rss_kib: sum.peak_rss_kib + one.peak_rss_kib,
+        })
+    })
+}
+
 /// Reads a process's usage; `None` if it cannot be seen.
-pub fn process_usage(pid: u32) -> Option<ProcessUsage> {
+fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')')?.1;

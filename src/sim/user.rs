@@ -5,7 +5,7 @@
 //! the ledger.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::content::{self, ContentSpec};
 use super::ledger::{Count, Ledger, Metric, View};
+use super::target::NodeAddrs;
 use crate::client::{
     fetch_message, send_message, ClientError, Connector, Outgoing, SessionClient, SessionReader,
 };
@@ -23,8 +24,10 @@ use crate::client::{
 /// What every simulated user shares.
 pub struct World {
     pub connector: Connector,
-    pub session_addr: SocketAddr,
-    pub message_addr: SocketAddr,
+    /// The server's nodes; user `i` signs on and sends at node `i mod n`
+    /// and receives at the next one, so that with several nodes every
+    /// message crosses from one node to another.
+    pub nodes: Vec<NodeAddrs>,
     pub ledger: Ledger,
     pub users: usize,
     pub content: ContentSpec,
@@ -34,6 +37,16 @@ pub struct World {
     pub sources: Vec<IpAddr>,
     /// While set, announced messages are noted and fetched later.
     pub defer_receive: std::sync::atomic::AtomicBool,
+}
+
+impl World {
+    fn home(&self, index: usize) -> &NodeAddrs {
+        &self.nodes[index % self.nodes.len()]
+    }
+
+    fn receiving_node(&self, index: usize) -> &NodeAddrs {
+        &self.nodes[(index + 1) % self.nodes.len()]
+    }
 }
 
 /// The password of a simulated user.
@@ -82,13 +95,12 @@ impl SimUser {
         let world = self.world.clone();
         let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
+        let addr = world.receiving_node(self.index).message;
         ctx.spawn(
             async move {
                 let _permit = world.streams.clone().acquire_owned().await;
                 let started = Instant::now();
-                match fetch_message(&connector, world.message_addr, &name, &password, &id, true)
-                    .await
-                {
+                match fetch_message(&connector, addr, &name, &password, &id, true).await {
                     Ok(got) => {
                         world.ledger.record(Metric::Receive, started.elapsed());
                         world
@@ -169,13 +181,14 @@ impl Handler<SignOn> for SimUser {
         let world = self.world.clone();
         let connector = self.connector.clone();
         let (name, password, source) = (self.name.clone(), self.password.clone(), self.source());
+        let session_addr = self.world.home(self.index).session;
         let addr = ctx.address();
         let connecting = async move {
             // A client told "busy" comes back a little later, as real ones do.
             let mut attempt = 0u32;
             loop {
                 let started = Instant::now();
-                let stream = connector.connect_from(world.session_addr, source).await?;
+                let stream = connector.connect_from(session_addr, source).await?;
                 world.ledger.record(Metric::TlsConnect, started.elapsed());
                 match SessionClient::over(stream).sign_on(&name, &password).await {
                     Ok(client) => return Ok::<_, ClientError>((client, Instant::now())),
@@ -331,6 +344,7 @@ impl Handler<SendOne> for SimUser {
         let world = self.world.clone();
         let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
+        let message_addr = world.home(self.index).message;
         ctx.spawn(
             async move {
                 let data = content::message_for(&msg.id, &world.content);
@@ -349,7 +363,7 @@ impl Handler<SendOne> for SimUser {
                     recipients: &msg.recipients,
                     data: &data,
                 };
-                match send_message(&connector, world.message_addr, &outgoing).await {
+                match send_message(&connector, message_addr, &outgoing).await {
                     Ok(()) => world.ledger.done(&msg.id),
                     Err(e) => {
                         log::warn!("{name}: send {} failed: {e}", msg.id);
