@@ -255,21 +255,20 @@ impl PgMail {
         let cutoff = older_than_unix.map(|t| t as i64);
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db_error)?;
-        let seqs: Vec<i64> = tx
+        let gone = tx
             .query(
-                "SELECT b.seq FROM mailbox b JOIN messages m ON m.seq = b.seq
-                 WHERE b.username = $1 AND ($2::bytea IS NULL OR m.id = $2)
-                   AND ($3::bigint IS NULL OR m.stored_unix < $3)",
+                "DELETE FROM mailbox b USING messages m
+                 WHERE m.seq = b.seq AND b.username = $1 AND ($2::bytea IS NULL OR m.id = $2)
+                   AND ($3::bigint IS NULL OR m.stored_unix < $3)
+                 RETURNING b.seq, m.size",
                 &[&user, &id, &cutoff],
             )
             .await
-            .map_err(db_error)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let removed = remove_entries(&tx, user, &seqs).await?;
+            .map_err(db_error)?;
+        let removed: Vec<(i64, i64)> = gone.iter().map(|row| (row.get(0), row.get(1))).collect();
+        release(&tx, user, &removed).await?;
         tx.commit().await.map_err(db_error)?;
-        Ok(removed)
+        Ok(removed.into_iter().map(|(seq, _)| seq).collect())
     }
 
     /// The waiting messages of one mailbox or all, oldest first per user,
@@ -383,51 +382,57 @@ pub(crate) async fn remove_entries(
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
-    let removed: Vec<i64> = tx
+    let gone = tx
         .query(
-            "DELETE FROM mailbox WHERE username = $1 AND seq = ANY($2) RETURNING seq",
+            "DELETE FROM mailbox b USING messages m
+             WHERE m.seq = b.seq AND b.username = $1 AND b.seq = ANY($2)
+             RETURNING b.seq, m.size",
             &[&user, &seqs],
         )
         .await
-        .map_err(db_error)?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    if removed.is_empty() {
-        return Ok(removed);
-    }
-    // Message rows in number order, so that removals never deadlock.
-    let rows = tx
-        .query(
-            "WITH locked AS (
-                SELECT seq FROM messages WHERE seq = ANY($1) ORDER BY seq FOR NO KEY UPDATE)
-             UPDATE messages m SET holders = m.holders - 1 FROM locked
-             WHERE m.seq = locked.seq RETURNING m.seq, m.holders, m.size",
-            &[&removed],
-        )
-        .await
         .map_err(db_error)?;
-    let mut gone = Vec::new();
-    let mut bytes = 0i64;
-    for row in &rows {
-        bytes += row.get::<_, i64>(2);
-        if row.get::<_, i64>(1) <= 0 {
-            gone.push(row.get::<_, i64>(0));
-        }
+    let removed: Vec<(i64, i64)> = gone.iter().map(|row| (row.get(0), row.get(1))).collect();
+    release(tx, user, &removed).await?;
+    Ok(removed.into_iter().map(|(seq, _)| seq).collect())
+}
+
+/// After `user`'s entries for `removed` (number, size) are deleted: each
+/// message loses a holder and goes with its last, and the user's counts
+/// drop. Separate statements, so that each sees what a concurrent removal
+/// of another holder committed.
+async fn release(
+    tx: &Transaction<'_>,
+    user: &str,
+    removed: &[(i64, i64)],
+) -> Result<(), StoreError> {
+    if removed.is_empty() {
+        return Ok(());
     }
-    if !gone.is_empty() {
-        tx.execute("DELETE FROM messages WHERE seq = ANY($1)", &[&gone])
-            .await
-            .map_err(db_error)?;
-    }
+    let seqs: Vec<i64> = removed.iter().map(|(seq, _)| *seq).collect();
+    let bytes: i64 = removed.iter().map(|(_, size)| size).sum();
+    // Message rows in number order, so that removals never deadlock.
     tx.execute(
-        "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
-         WHERE name = $1",
-        &[&user, &(removed.len() as i64), &bytes],
+        "WITH locked AS (
+            SELECT seq FROM messages WHERE seq = ANY($1) ORDER BY seq FOR NO KEY UPDATE)
+         UPDATE messages m SET holders = m.holders - 1 FROM locked WHERE m.seq = locked.seq",
+        &[&seqs],
     )
     .await
     .map_err(db_error)?;
-    Ok(removed)
+    tx.execute(
+        "DELETE FROM messages WHERE seq = ANY($1) AND holders <= 0",
+        &[&seqs],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.execute(
+        "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
+         WHERE name = $1",
+        &[&user, &(seqs.len() as i64), &bytes],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 async fn committer(
@@ -476,8 +481,19 @@ async fn committer(
     }
 }
 
-/// One transaction for the whole batch; the answer of each send, or the
-/// failure that leaves every one of them unstored.
+/// How one send of a batch was decided.
+enum Decision {
+    /// Answered already (an exact retry, or refused).
+    Answered(Result<Accepted, StreamError>),
+    /// To be stored, if its id can still be claimed.
+    Store,
+    /// The same message as an earlier send of this batch.
+    SameAs(usize),
+}
+
+/// One transaction for the whole batch, in a fixed number of statements
+/// whatever its size; the answer of each send, or the failure that leaves
+/// every one of them unstored.
 async fn commit_batch(
     pool: &Pool,
     batch: &[Job],
@@ -492,6 +508,8 @@ async fn commit_batch(
         .collect();
     names.sort_unstable();
     names.dedup();
+    // The quota rows, locked in name order so that committers never
+    // deadlock on them.
     let rows = tx
         .query(
             "SELECT name, box_messages, box_bytes FROM users WHERE name = ANY($1)
@@ -504,147 +522,298 @@ async fn commit_batch(
         .iter()
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
-    let mut answers = Vec::with_capacity(batch.len());
-    for job in batch {
-        answers.push(store_one(&tx, job, &mut usage, settings, node).await?);
+    let ids: Vec<&[u8]> = batch.iter().map(|job| job.msg.id.as_bytes()).collect();
+    let earlier = known_ids(&tx, &ids).await?;
+
+    let mut decisions = Vec::with_capacity(batch.len());
+    let mut first_with_id: HashMap<&[u8], usize> = HashMap::new();
+    for (index, job) in batch.iter().enumerate() {
+        let id = job.msg.id.as_bytes();
+        let decision = match first_with_id.get(id) {
+            Some(&first) if same_message(&batch[first], job) => Decision::SameAs(first),
+            Some(_) => Decision::Answered(Err(duplicate())),
+            None => decide(job, earlier.get(id), &mut usage, settings),
+        };
+        if matches!(decision, Decision::Store) {
+            first_with_id.insert(id, index);
+        }
+        decisions.push(decision);
     }
+
+    // Claim the ids; one another transaction took meanwhile (perhaps at
+    // another node, which we waited for) is a retry or a duplicate.
+    let to_claim: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(decisions[i], Decision::Store))
+        .collect();
+    let claimed = claim_ids(&tx, batch, &to_claim).await?;
+    let lost: Vec<&[u8]> = to_claim
+        .iter()
+        .map(|&i| batch[i].msg.id.as_bytes())
+        .filter(|id| !claimed.contains_key(*id))
+        .collect();
+    let taken = if lost.is_empty() {
+        HashMap::new()
+    } else {
+        known_ids(&tx, &lost).await?
+    };
+    let mut stored: Vec<(usize, i64)> = Vec::new();
+    for &i in &to_claim {
+        let id = batch[i].msg.id.as_bytes();
+        match claimed.get(id) {
+            Some(&seq) => stored.push((i, seq)),
+            None => {
+                decisions[i] = Decision::Answered(match taken.get(id) {
+                    Some(record) if record.matches(&batch[i]) => Ok(Accepted {
+                        seq: record.seq as u64,
+                        new: false,
+                    }),
+                    _ => Err(duplicate()),
+                })
+            }
+        }
+    }
+    write_messages(&tx, batch, &stored, node).await?;
     tx.commit().await.map_err(db_error)?;
+
+    let seq_of: HashMap<usize, i64> = stored.into_iter().collect();
+    let mut answers: Vec<Result<Accepted, StreamError>> = Vec::with_capacity(batch.len());
+    for (index, decision) in decisions.into_iter().enumerate() {
+        let answer = match decision {
+            Decision::Answered(answer) => answer,
+            Decision::Store => Ok(Accepted {
+                seq: seq_of.get(&index).copied().unwrap_or_default() as u64,
+                new: true,
+            }),
+            Decision::SameAs(first) => match &answers[first] {
+                Ok(accepted) => Ok(Accepted {
+                    seq: accepted.seq,
+                    new: false,
+                }),
+                Err(e) => Err(e.clone()),
+            },
+        };
+        answers.push(answer);
+    }
     Ok(answers)
 }
 
-/// Checks and writes one send inside the batch's transaction. Every check
-/// comes before the first write, so a refused send leaves nothing behind.
-async fn store_one(
+fn duplicate() -> StreamError {
+    StreamError::new(
+        ErrorCode::Duplicate,
+        "message id already used for another message",
+    )
+}
+
+/// An accepted id as the database has it.
+struct IdRecord {
+    sender: String,
+    digest: Vec<u8>,
+    seq: i64,
+}
+
+impl IdRecord {
+    fn matches(&self, job: &Job) -> bool {
+        self.sender == job.msg.sender && self.digest == job.digest
+    }
+}
+
+fn same_message(first: &Job, job: &Job) -> bool {
+    first.msg.sender == job.msg.sender && first.digest == job.digest
+}
+
+async fn known_ids(
     tx: &Transaction<'_>,
-    job: &Job,
-    usage: &mut HashMap<String, (i64, i64)>,
-    settings: &MailboxSettings,
-    node: &str,
-) -> Result<Result<Accepted, StreamError>, StoreError> {
-    let msg = &job.msg;
-    let id = msg.id.as_bytes();
-    let same = |row: &tokio_postgres::Row| {
-        row.get::<_, &str>(0) == msg.sender && row.get::<_, &[u8]>(1) == job.digest.as_slice()
-    };
-    let earlier = tx
-        .query_opt(
-            "SELECT sender, digest, seq FROM message_ids WHERE id = $1",
-            &[&id],
+    ids: &[&[u8]],
+) -> Result<HashMap<Vec<u8>, IdRecord>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT id, sender, digest, seq FROM message_ids WHERE id = ANY($1)",
+            &[&ids],
         )
         .await
         .map_err(db_error)?;
-    if let Some(row) = &earlier {
-        if same(row) {
-            return Ok(Ok(Accepted {
-                seq: row.get::<_, i64>(2) as u64,
-                new: false,
-            }));
-        }
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                IdRecord {
+                    sender: row.get(1),
+                    digest: row.get(2),
+                    seq: row.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The checks of one send, in the contract's order after the data: an
+/// exact retry is `done` at once, then the quota, then the id.
+fn decide(
+    job: &Job,
+    earlier: Option<&IdRecord>,
+    usage: &mut HashMap<String, (i64, i64)>,
+    settings: &MailboxSettings,
+) -> Decision {
+    if let Some(record) = earlier.filter(|record| record.matches(job)) {
+        return Decision::Answered(Ok(Accepted {
+            seq: record.seq as u64,
+            new: false,
+        }));
     }
-    let size = msg.data.len() as i64;
-    for recipient in &msg.recipients {
+    let size = job.msg.data.len() as i64;
+    for recipient in &job.msg.recipients {
         let Some(&(count, bytes)) = usage.get(recipient) else {
-            return Ok(Err(StreamError::new(
+            return Decision::Answered(Err(StreamError::new(
                 ErrorCode::UnknownRecipient,
                 format!("no user {recipient}"),
             )));
         };
         if count + 1 > settings.max_messages as i64 || bytes + size > settings.max_bytes as i64 {
-            return Ok(Err(StreamError::new(
+            return Decision::Answered(Err(StreamError::new(
                 ErrorCode::Quota,
                 format!("mailbox of {recipient} is full"),
             )));
         }
     }
-    let duplicate = || {
-        StreamError::new(
-            ErrorCode::Duplicate,
-            "message id already used for another message",
-        )
-    };
     if earlier.is_some() {
-        return Ok(Err(duplicate()));
+        return Decision::Answered(Err(duplicate()));
     }
-    let now = unix_now() as i64;
-    let claimed = tx
-        .query_opt(
-            "INSERT INTO message_ids (id, sender, digest, seq, accepted_unix)
-             VALUES ($1, $2, $3, nextval('message_seq'), $4)
-             ON CONFLICT (id) DO NOTHING RETURNING seq",
-            &[&id, &msg.sender, &job.digest, &now],
-        )
-        .await
-        .map_err(db_error)?;
-    let Some(claimed) = claimed else {
-        // Another transaction (perhaps another node) took the id while we
-        // waited for it: the same message is a retry, anything else not.
-        let row = tx
-            .query_one(
-                "SELECT sender, digest, seq FROM message_ids WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(db_error)?;
-        return Ok(if same(&row) {
-            Ok(Accepted {
-                seq: row.get::<_, i64>(2) as u64,
-                new: false,
-            })
-        } else {
-            Err(duplicate())
-        });
-    };
-    let seq: i64 = claimed.get(0);
-    tx.execute(
-        "INSERT INTO messages (seq, id, sender, recipients, size, stored_unix, holders, data)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &seq,
-            &id,
-            &msg.sender,
-            &msg.recipients,
-            &size,
-            &now,
-            &(msg.recipients.len() as i64),
-            &msg.data,
-        ],
-    )
-    .await
-    .map_err(db_error)?;
-    tx.execute(
-        "INSERT INTO mailbox (username, seq) SELECT unnest($1::text[]), $2",
-        &[&msg.recipients, &seq],
-    )
-    .await
-    .map_err(db_error)?;
-    tx.execute(
-        "UPDATE users SET box_messages = box_messages + 1, box_bytes = box_bytes + $2
-         WHERE name = ANY($1)",
-        &[&msg.recipients, &size],
-    )
-    .await
-    .map_err(db_error)?;
-    for recipient in &msg.recipients {
+    for recipient in &job.msg.recipients {
         if let Some(entry) = usage.get_mut(recipient) {
             entry.0 += 1;
             entry.1 += size;
         }
     }
-    let hint = MailHint {
-        origin: node.to_owned(),
-        seq: seq as u64,
-        size: size as u64,
-        from: msg.sender.clone(),
-        recipients: msg.recipients.clone(),
-        id: msg.id.clone(),
-    };
-    for payload in hint.payloads() {
-        tx.execute("SELECT pg_notify($1, $2)", &[&super::CHANNEL, &payload])
-            .await
-            .map_err(db_error)?;
+    Decision::Store
+}
+
+/// Claims the ids of the sends at `indexes`; the sequence number of each
+/// id claimed (an id another transaction holds is left out).
+async fn claim_ids(
+    tx: &Transaction<'_>,
+    batch: &[Job],
+    indexes: &[usize],
+) -> Result<HashMap<Vec<u8>, i64>, StoreError> {
+    if indexes.is_empty() {
+        return Ok(HashMap::new());
     }
-    Ok(Ok(Accepted {
-        seq: seq as u64,
-        new: true,
-    }))
+    let ids: Vec<&[u8]> = indexes
+        .iter()
+        .map(|&i| batch[i].msg.id.as_bytes())
+        .collect();
+    let senders: Vec<&str> = indexes
+        .iter()
+        .map(|&i| batch[i].msg.sender.as_str())
+        .collect();
+    let digests: Vec<&[u8]> = indexes
+        .iter()
+        .map(|&i| batch[i].digest.as_slice())
+        .collect();
+    let rows = tx
+        .query(
+            "INSERT INTO message_ids (id, sender, digest, seq, accepted_unix)
+             SELECT id, sender, digest, nextval('message_seq'), $4
+             FROM unnest($1::bytea[], $2::text[], $3::bytea[]) AS t (id, sender, digest)
+             ON CONFLICT (id) DO NOTHING RETURNING id, seq",
+            &[&ids, &senders, &digests, &(unix_now() as i64)],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Writes the messages, their mailbox entries, the quota counts and the
+/// hints for the other nodes.
+async fn write_messages(
+    tx: &Transaction<'_>,
+    batch: &[Job],
+    stored: &[(usize, i64)],
+    node: &str,
+) -> Result<(), StoreError> {
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let now = unix_now() as i64;
+    let mut seqs = Vec::with_capacity(stored.len());
+    let mut ids = Vec::with_capacity(stored.len());
+    let mut senders = Vec::with_capacity(stored.len());
+    let mut recipient_lines = Vec::with_capacity(stored.len());
+    let mut sizes = Vec::with_capacity(stored.len());
+    let mut holders = Vec::with_capacity(stored.len());
+    let mut data = Vec::with_capacity(stored.len());
+    let mut entry_users = Vec::new();
+    let mut entry_seqs = Vec::new();
+    let mut added: HashMap<&str, (i64, i64)> = HashMap::new();
+    let mut hints = Vec::new();
+    for &(i, seq) in stored {
+        let msg = &batch[i].msg;
+        seqs.push(seq);
+        ids.push(msg.id.as_bytes());
+        senders.push(msg.sender.as_str());
+        // Usernames hold no newline.
+        recipient_lines.push(msg.recipients.join("\n"));
+        sizes.push(msg.data.len() as i64);
+        holders.push(msg.recipients.len() as i64);
+        data.push(msg.data.as_slice());
+        for recipient in &msg.recipients {
+            entry_users.push(recipient.as_str());
+            entry_seqs.push(seq);
+            let counts = added.entry(recipient.as_str()).or_default();
+            counts.0 += 1;
+            counts.1 += msg.data.len() as i64;
+        }
+        let hint = MailHint {
+            origin: node.to_owned(),
+            seq: seq as u64,
+            size: msg.data.len() as u64,
+            from: msg.sender.clone(),
+            recipients: msg.recipients.clone(),
+            id: msg.id.clone(),
+        };
+        hints.extend(hint.payloads());
+    }
+    tx.execute(
+        "INSERT INTO messages (seq, id, sender, recipients, size, stored_unix, holders, data)
+         SELECT seq, id, sender, string_to_array(recipients, E'\\n'), size, $8, holders, data
+         FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[], $5::bigint[],
+                     $6::bigint[], $7::bytea[])
+              AS t (seq, id, sender, recipients, size, holders, data)",
+        &[
+            &seqs,
+            &ids,
+            &senders,
+            &recipient_lines,
+            &sizes,
+            &holders,
+            &data,
+            &now,
+        ],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.execute(
+        "INSERT INTO mailbox (username, seq) SELECT * FROM unnest($1::text[], $2::bigint[])",
+        &[&entry_users, &entry_seqs],
+    )
+    .await
+    .map_err(db_error)?;
+    let (names, counts): (Vec<&str>, Vec<(i64, i64)>) = added.into_iter().unzip();
+    let (messages, bytes): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
+    tx.execute(
+        "UPDATE users u SET box_messages = u.box_messages + d.messages,
+                            box_bytes = u.box_bytes + d.bytes
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d (name, messages, bytes)
+         WHERE u.name = d.name",
+        &[&names, &messages, &bytes],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.execute(
+        "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+        &[&super::CHANNEL, &hints],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
