@@ -125,10 +125,12 @@ impl Authenticator {
         Ok(ok)
     }
 
-    /// Drops the cached credentials of `user` (password change, removal).
+    /// Drops the cached credentials of `user` (password change, removal),
+    /// and what the directory caches of them.
     pub fn forget(&self, user: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache_lock().remove(user);
+        self.store.forget(user);
     }
 
     /// Hashes a new password on the pool.

@@ -265,7 +265,7 @@ where
                 && self
                     .services
                     .users
-                    .get_user(recipient)
+                    .user_exists(recipient)
                     .await
                     .map_err(|e| {
                         let code = if e.is_transient() {
@@ -274,8 +274,7 @@ where
                             ErrorCode::Internal
                         };
                         answer(code, format!("user lookup failed: {e}"))
-                    })?
-                    .is_some();
+                    })?;
             if !exists {
                 return Err(answer(
                     ErrorCode::UnknownRecipient,

@@ -5,6 +5,9 @@
 //! send racing the removal either lands before it (and is removed with
 //! it) or finds no such recipient.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -15,14 +18,35 @@ use super::mail::remove_entries;
 use super::{db_error, pool_error, Hint, CHANNEL};
 
 /// The users of every node sharing the database.
-#[derive(Clone)]
 pub struct PgDirectory {
     pool: Pool,
+    /// Names known to be users, so that recipient checks do not ask the
+    /// database each time; at most one entry per registered user, dropped
+    /// on removal (here or, through its hint, at another node).
+    known: Mutex<HashSet<String>>,
 }
 
 impl PgDirectory {
     pub fn new(pool: Pool) -> PgDirectory {
-        PgDirectory { pool }
+        PgDirectory {
+            pool,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        if self.known().contains(name) {
+            return Ok(true);
+        }
+        let exists = self.get(name).await?.is_some();
+        if exists {
+            self.known().insert(name.to_owned());
+        }
+        Ok(exists)
     }
 
     async fn get(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
@@ -93,6 +117,7 @@ impl PgDirectory {
             .iter()
             .map(|row| row.get(0))
             .collect();
+        self.known().remove(name);
         remove_entries(&tx, name, &seqs).await?;
         tx.execute("DELETE FROM users WHERE name = $1", &[&name])
             .await
@@ -153,5 +178,13 @@ impl Directory for PgDirectory {
 
     fn list_users(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         self.list().boxed()
+    }
+
+    fn user_exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.exists(name).boxed()
+    }
+
+    fn forget(&self, name: &str) {
+        self.known().remove(name);
     }
 }

@@ -45,17 +45,40 @@ pub struct Accepted {
     pub new: bool,
 }
 
+/// A send waiting for a committer.
 struct Job {
     msg: Deliver,
     digest: Vec<u8>,
     reply: oneshot::Sender<Result<Accepted, StreamError>>,
 }
 
+/// A receiver's `done` waiting for a committer.
+struct Removal {
+    user: String,
+    id: String,
+    reply: oneshot::Sender<Result<Option<u64>, StreamError>>,
+}
+
+/// What the committers take, in arrival order.
+enum Work {
+    Deliver(Job),
+    Remove(Removal),
+}
+
+impl Work {
+    fn bytes(&self) -> usize {
+        match self {
+            Work::Deliver(job) => job.msg.data.len(),
+            Work::Remove(_) => 0,
+        }
+    }
+}
+
 /// The mailboxes of every node sharing the database.
 #[derive(Clone)]
 pub struct PgMail {
     pool: Pool,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
     settings: Arc<MailboxSettings>,
 }
 
@@ -108,22 +131,30 @@ impl PgMail {
     pub async fn deliver(&self, msg: Deliver) -> Result<Accepted, StreamError> {
         let digest = digest(&msg.recipients, &msg.data);
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .try_send(Job { msg, digest, reply })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => StreamError::new(
-                    ErrorCode::Unavailable,
-                    "too many sends waiting for the database; try again",
-                ),
-                mpsc::error::TrySendError::Closed(_) => {
-                    StreamError::new(ErrorCode::Unavailable, "the store is closed; try again")
-                }
-            })?;
-        answer.await.unwrap_or_else(|_| {
-            Err(StreamError::new(
+        self.queue(Work::Deliver(Job { msg, digest, reply }))?;
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Removes a message from one mailbox, durably (a receiver's `done`,
+    /// committed with whatever else waits); the number of the message
+    /// removed, `None` if it was not there.
+    pub async fn remove(&self, user: &str, id: &str) -> Result<Option<u64>, StreamError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Work::Remove(Removal {
+            user: user.to_owned(),
+            id: id.to_owned(),
+            reply,
+        }))?;
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    fn queue(&self, work: Work) -> Result<(), StreamError> {
+        self.jobs.try_send(work).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StreamError::new(
                 ErrorCode::Unavailable,
-                "the store is closed; try again",
-            ))
+                "too many writes waiting for the database; try again",
+            ),
+            mpsc::error::TrySendError::Closed(_) => closed(),
         })
     }
 
@@ -219,15 +250,6 @@ impl PgMail {
             },
             data: row.get(4),
         })
-    }
-
-    /// Removes a message from one mailbox, durably; the number of the
-    /// message removed, `None` if it was not there.
-    pub async fn remove(&self, user: &str, id: &str) -> Result<Option<u64>, StreamError> {
-        self.remove_where(user, Some(id), None)
-            .await
-            .map(|removed| removed.first().map(|&seq| seq as u64))
-            .map_err(stream_error)
     }
 
     /// Removes the messages of `user` stored before `older_than_unix` (all
@@ -365,6 +387,10 @@ impl PgMail {
     }
 }
 
+fn closed() -> StreamError {
+    StreamError::new(ErrorCode::Unavailable, "the store is closed; try again")
+}
+
 fn id_text(bytes: Vec<u8>) -> Result<String, StoreError> {
     String::from_utf8(bytes).map_err(|e| StoreError::Corrupt {
         key: "messages.id".into(),
@@ -408,13 +434,33 @@ async fn release(
     if removed.is_empty() {
         return Ok(());
     }
-    let seqs: Vec<i64> = removed.iter().map(|(seq, _)| *seq).collect();
+    release_messages(tx, removed).await?;
+    let seqs = removed.len();
     let bytes: i64 = removed.iter().map(|(_, size)| size).sum();
+    tx.execute(
+        "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
+         WHERE name = $1",
+        &[&user, &(seqs as i64), &bytes],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Each removed entry (number, size) takes one holder off its message,
+/// and a message goes with its last holder.
+async fn release_messages(tx: &Transaction<'_>, removed: &[(i64, i64)]) -> Result<(), StoreError> {
+    if removed.is_empty() {
+        return Ok(());
+    }
+    let seqs: Vec<i64> = removed.iter().map(|(seq, _)| *seq).collect();
     // Message rows in number order, so that removals never deadlock.
     tx.execute(
-        "WITH locked AS (
-            SELECT seq FROM messages WHERE seq = ANY($1) ORDER BY seq FOR NO KEY UPDATE)
-         UPDATE messages m SET holders = m.holders - 1 FROM locked WHERE m.seq = locked.seq",
+        "WITH gone AS (SELECT seq, count(*) AS n FROM unnest($1::bigint[]) AS seq GROUP BY seq),
+              locked AS (SELECT m.seq FROM messages m JOIN gone ON gone.seq = m.seq
+                         ORDER BY m.seq FOR NO KEY UPDATE OF m)
+         UPDATE messages m SET holders = m.holders - gone.n FROM gone, locked
+         WHERE m.seq = gone.seq AND locked.seq = gone.seq",
         &[&seqs],
     )
     .await
@@ -425,56 +471,68 @@ async fn release(
     )
     .await
     .map_err(db_error)?;
-    tx.execute(
-        "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
-         WHERE name = $1",
-        &[&user, &(seqs.len() as i64), &bytes],
-    )
-    .await
-    .map_err(db_error)?;
     Ok(())
 }
 
 async fn committer(
     pool: Pool,
-    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    queue: Arc<Mutex<mpsc::Receiver<Work>>>,
     settings: Arc<MailboxSettings>,
     node: Arc<String>,
 ) {
     loop {
-        let batch = {
+        let (sends, removals) = {
             let mut queue = queue.lock().await;
             let Some(first) = queue.recv().await else {
                 return;
             };
-            let mut bytes = first.msg.data.len();
+            let mut bytes = first.bytes();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match queue.try_recv() {
-                    Ok(job) => {
-                        bytes += job.msg.data.len();
-                        batch.push(job);
+                    Ok(work) => {
+                        bytes += work.bytes();
+                        batch.push(work);
                     }
                     Err(_) => break,
                 }
             }
-            batch
+            let mut sends = Vec::new();
+            let mut removals = Vec::new();
+            for work in batch {
+                match work {
+                    Work::Deliver(job) => sends.push(job),
+                    Work::Remove(removal) => removals.push(removal),
+                }
+            }
+            (sends, removals)
         };
         let started = std::time::Instant::now();
-        let outcome = commit_batch(&pool, &batch, &settings, &node).await;
+        let outcome = commit_batch(&pool, &sends, &removals, &settings, &node).await;
         metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(crate::metrics::COMMIT_BATCH).record(batch.len() as f64);
+        metrics::histogram!(crate::metrics::COMMIT_BATCH)
+            .record((sends.len() + removals.len()) as f64);
         match outcome {
-            Ok(answers) => {
-                for (job, answer) in batch.into_iter().zip(answers) {
+            Ok((stored, removed)) => {
+                for (job, answer) in sends.into_iter().zip(stored) {
                     let _ = job.reply.send(answer);
+                }
+                for (removal, answer) in removals.into_iter().zip(removed) {
+                    let _ = removal.reply.send(Ok(answer));
                 }
             }
             Err(e) => {
-                log::error!("storing {} messages failed: {e}", batch.len());
+                log::error!(
+                    "storing {} messages and {} removals failed: {e}",
+                    sends.len(),
+                    removals.len()
+                );
                 let error = stream_error(e);
-                for job in batch {
+                for job in sends {
                     let _ = job.reply.send(Err(error.clone()));
+                }
+                for removal in removals {
+                    let _ = removal.reply.send(Err(error.clone()));
                 }
             }
         }
@@ -491,20 +549,25 @@ enum Decision {
     SameAs(usize),
 }
 
-/// One transaction for the whole batch, in a fixed number of statements
-/// whatever its size; the answer of each send, or the failure that leaves
-/// every one of them unstored.
+/// Answers of one batch: per send, per removal.
+type BatchAnswers = (Vec<Result<Accepted, StreamError>>, Vec<Option<u64>>);
+
+/// One transaction for the whole batch (removals first, then sends), in a
+/// fixed number of statements whatever its size; the answer of each, or
+/// the failure that leaves every one of them undone.
 async fn commit_batch(
     pool: &Pool,
     batch: &[Job],
+    removals: &[Removal],
     settings: &MailboxSettings,
     node: &str,
-) -> Result<Vec<Result<Accepted, StreamError>>, StoreError> {
+) -> Result<BatchAnswers, StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
     let mut names: Vec<&str> = batch
         .iter()
         .flat_map(|job| job.msg.recipients.iter().map(String::as_str))
+        .chain(removals.iter().map(|removal| removal.user.as_str()))
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -522,6 +585,7 @@ async fn commit_batch(
         .iter()
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
+    let removed = remove_batch(&tx, removals, &mut usage).await?;
     let ids: Vec<&[u8]> = batch.iter().map(|job| job.msg.id.as_bytes()).collect();
     let earlier = known_ids(&tx, &ids).await?;
 
@@ -594,7 +658,72 @@ async fn commit_batch(
         };
         answers.push(answer);
     }
-    Ok(answers)
+    Ok((answers, removed))
+}
+
+/// Removes the entries the removals name (the user rows are locked
+/// already); per removal the number of the message removed, if it was
+/// there. `usage` loses what they held, for the sends of the batch.
+async fn remove_batch(
+    tx: &Transaction<'_>,
+    removals: &[Removal],
+    usage: &mut HashMap<String, (i64, i64)>,
+) -> Result<Vec<Option<u64>>, StoreError> {
+    if removals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let users: Vec<&str> = removals.iter().map(|r| r.user.as_str()).collect();
+    let ids: Vec<&[u8]> = removals.iter().map(|r| r.id.as_bytes()).collect();
+    let rows = tx
+        .query(
+            "DELETE FROM mailbox b USING messages m,
+                 unnest($1::text[], $2::bytea[]) AS r (username, id)
+             WHERE m.seq = b.seq AND b.username = r.username AND m.id = r.id
+             RETURNING b.username, m.id, b.seq, m.size",
+            &[&users, &ids],
+        )
+        .await
+        .map_err(db_error)?;
+    let mut gone: HashMap<(String, Vec<u8>), u64> = HashMap::new();
+    let mut per_user: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for row in &rows {
+        let (user, id, seq, size): (String, Vec<u8>, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        gone.insert((user.clone(), id), seq as u64);
+        if let Some(entry) = usage.get_mut(&user) {
+            entry.0 -= 1;
+            entry.1 -= size;
+        }
+        per_user.entry(user).or_default().push((seq, size));
+    }
+    let all: Vec<(i64, i64)> = per_user.values().flatten().copied().collect();
+    release_messages(tx, &all).await?;
+    let (names, counts): (Vec<&str>, Vec<(i64, i64)>) = per_user
+        .iter()
+        .map(|(user, entries)| {
+            (
+                user.as_str(),
+                (
+                    entries.len() as i64,
+                    entries.iter().map(|(_, size)| size).sum(),
+                ),
+            )
+        })
+        .unzip();
+    let (messages, bytes): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
+    tx.execute(
+        "UPDATE users u SET box_messages = u.box_messages - d.messages,
+                            box_bytes = u.box_bytes - d.bytes
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d (name, messages, bytes)
+         WHERE u.name = d.name",
+        &[&names, &messages, &bytes],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(removals
+        .iter()
+        .map(|r| gone.remove(&(r.user.clone(), r.id.as_bytes().to_vec())))
+        .collect())
 }
 
 fn duplicate() -> StreamError {

@@ -34,6 +34,16 @@ pub trait Directory: Send + Sync + 'static {
     fn remove_user<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// All usernames, sorted.
     fn list_users(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Whether `name` is a user. A backend may answer from a cache of
+    /// users seen: a user removed meanwhile is caught again where it
+    /// matters (the storing transaction checks each recipient under lock).
+    fn user_exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        async move { Ok(self.get_user(name).await?.is_some()) }.boxed()
+    }
+
+    /// Drops whatever is cached about `name` (removed, or changed).
+    fn forget(&self, _name: &str) {}
 }
 
 /// The embedded store's users; writes are made durable by group commit.
