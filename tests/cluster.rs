@@ -336,3 +336,46 @@ async fn admin_sees_every_node_and_works_on_the_database_directly() {
         "0"
     );
 }
+
+/// `csm serve` on `url` that must fail to start; its standard error.
+fn serve_fails(url: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--session-addr",
+            "127.0.0.1:0",
+            "--message-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--store-url", url])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the server started on {url}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_unreachable_database_or_a_newer_schema_stops_the_start_with_a_clear_error() {
+    let unreachable = serve_fails("postgres://postgres:secret@127.0.0.1:1/csm");
+    assert!(unreachable.contains("store.url"), "{unreachable}");
+    assert!(
+        !unreachable.contains("secret"),
+        "password shown: {unreachable}"
+    );
+
+    let pg = Postgres::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database_for(dir.path());
+    TestServer::start_in_on(Backend::Postgres, dir.path(), |_| {}).stop();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    pg.sql(&db, "UPDATE csm_schema SET version = 99");
+    let newer = serve_fails(&url);
+    assert!(
+        newer.contains("schema version 99") && newer.contains("newer"),
+        "{newer}"
+    );
+}

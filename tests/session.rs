@@ -6,52 +6,7 @@
 //! themselves (module `postgres`, built when PostgreSQL's programs are
 //! installed; CI requires them).
 
+#[macro_use]
 mod common;
 
-/// The constructors the suite calls, bound to one backend.
-macro_rules! on_backend {
-    ($backend:expr) => {
-        use crate::common;
-        use std::path::Path;
-
-        const BACKEND: common::Backend = $backend;
-
-        #[allow(dead_code)]
-        fn start() -> common::TestServer {
-            common::TestServer::start_on(BACKEND, |_| {})
-        }
-
-        #[allow(dead_code)]
-        fn start_with(tweak: impl FnOnce(&mut csm::config::Config)) -> common::TestServer {
-            common::TestServer::start_on(BACKEND, tweak)
-        }
-
-        #[allow(dead_code)]
-        fn start_in(
-            dir: &Path,
-            tweak: impl FnOnce(&mut csm::config::Config),
-        ) -> common::TestServer {
-            common::TestServer::start_in_on(BACKEND, dir, tweak)
-        }
-    };
-}
-
-mod sled {
-    on_backend!(common::Backend::Sled);
-    include!("contract/session.rs");
-}
-
-#[cfg(csm_postgres)]
-mod postgres {
-    on_backend!(common::Backend::Postgres);
-    include!("contract/session.rs");
-}
-
-#[cfg(not(csm_postgres))]
-#[test]
-fn postgres_suite_needs_postgresql_installed() {
-    eprintln!(
-        "PostgreSQL's server programs were not found when this was built: the suite ran on sled \
-         only. Install PostgreSQL (or set CSM_PG_BINDIR) to run it on PostgreSQL too."
-    );
-}
+contract_suite!("session.rs");

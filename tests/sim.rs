@@ -9,10 +9,10 @@ use csm::sim::ledger::Count;
 use csm::sim::target::NodeAddrs;
 use csm::sim::{run_scenario, target, user_credentials, Scenario, TargetInfo};
 
-#[test]
-fn small_scenario_is_clean() {
-    let server = TestServer::start();
-    let scenario = Scenario {
+/// 20 users, 200 messages to two recipients each, idle churn, a fifth of
+/// the users signing on half-way.
+fn small_scenario() -> Scenario {
+    Scenario {
         users: 20,
         ramp: 100.0,
         duration_secs: 5.0,
@@ -22,7 +22,13 @@ fn small_scenario_is_clean() {
         offline_fraction: 0.2,
         drain_secs: 20.0,
         ..Scenario::default()
-    };
+    }
+}
+
+#[test]
+fn small_scenario_is_clean() {
+    let server = TestServer::start();
+    let scenario = small_scenario();
     target::add_users_live(&server.data_dir, &user_credentials(&scenario)).unwrap();
     let target = TargetInfo {
         connector: server.connector.clone(),
@@ -62,17 +68,7 @@ fn small_scenario_across_two_nodes_is_clean() {
         c.cert = Some(cert);
         c.key = Some(key);
     });
-    let scenario = Scenario {
-        users: 20,
-        ramp: 100.0,
-        duration_secs: 5.0,
-        rate: 40.0,
-        recipients: 2,
-        idle_rate: 10.0,
-        offline_fraction: 0.2,
-        drain_secs: 20.0,
-        ..Scenario::default()
-    };
+    let scenario = small_scenario();
     target::add_users_live(&a.data_dir, &user_credentials(&scenario)).unwrap();
     let target = TargetInfo {
         connector: a.connector.clone(),

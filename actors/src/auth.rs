@@ -57,6 +57,8 @@ pub struct Authenticator {
     settings: AuthSettings,
     key: hmac::Key,
     cache: Mutex<HashMap<String, hmac::Tag>>,
+    /// Users with a password check under way; at most one per user.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pool: HashPool,
     /// Bumped by every `forget`, so a check that started before a password
     /// change cannot cache the old password after it.
@@ -85,6 +87,7 @@ impl Authenticator {
             settings,
             key,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             dummy_hash,
         })
@@ -98,14 +101,54 @@ impl Authenticator {
         input
     }
 
+    fn cached(&self, user: &str, input: &[u8]) -> bool {
+        self.cache_lock()
+            .get(user)
+            .is_some_and(|tag| hmac::verify(&self.key, input, tag.as_ref()).is_ok())
+    }
+
     /// True when `user` exists and `password` is theirs.
     pub async fn verify(&self, user: &str, password: &str) -> Result<bool, AuthError> {
         let input = Self::tag_input(user, password);
-        if let Some(tag) = self.cache_lock().get(user) {
-            if hmac::verify(&self.key, &input, tag.as_ref()).is_ok() {
-                return Ok(true);
-            }
+        if self.cached(user, &input) {
+            return Ok(true);
         }
+        // One argon2 at a time per user: a burst of streams of one user
+        // that is not cached yet (a client's first messages, or a node that
+        // has not seen the user) costs one hash, not one per stream.
+        let gate = self
+            .in_flight_lock()
+            .entry(user.to_owned())
+            .or_default()
+            .clone();
+        let verdict = {
+            let _turn = gate.lock().await;
+            if self.cached(user, &input) {
+                Ok(true)
+            } else {
+                self.verify_uncached(user, password, &input).await
+            }
+        };
+        let mut in_flight = self.in_flight_lock();
+        // Ours and the map's: nobody else waits on this gate.
+        if Arc::strong_count(&gate) <= 2 {
+            in_flight.remove(user);
+        }
+        verdict
+    }
+
+    fn in_flight_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn verify_uncached(
+        &self,
+        user: &str,
+        password: &str,
+        input: &[u8],
+    ) -> Result<bool, AuthError> {
         let generation = self.generation.load(Ordering::Acquire);
         let record = self.store.get_user(user).await?;
         let exists = record.is_some();
@@ -119,7 +162,7 @@ impl Authenticator {
                         cache.remove(&victim);
                     }
                 }
-                cache.insert(user.to_owned(), hmac::sign(&self.key, &input));
+                cache.insert(user.to_owned(), hmac::sign(&self.key, input));
             }
         }
         Ok(ok)

@@ -204,12 +204,7 @@ pub struct UsersSnapshot {
 /// Another node's report of one of its users (a hint).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RemotePresence {
-    pub node: String,
-    pub version: i64,
-    pub user: String,
-    pub state: Option<NodeState>,
-}
+pub struct RemotePresence(pub RemoteRow);
 
 /// Another node is gone (stopped, or its lease ran out).
 #[derive(Message)]
@@ -218,7 +213,7 @@ pub struct NodeGone {
     pub node: String,
 }
 
-/// One row of the presence table.
+/// One node's report of one user: a row of the presence table, or a hint.
 #[derive(Debug, Clone)]
 pub struct RemoteRow {
     pub node: String,

@@ -520,8 +520,8 @@ impl PresenceActor {
         }
     }
 
-    fn remote_presence(&mut self, msg: RemotePresence) {
-        self.apply_remote(&msg.node, msg.version, &msg.user, msg.state);
+    fn remote_presence(&mut self, RemotePresence(row): RemotePresence) {
+        self.apply_remote(&row.node, row.version, &row.user, row.state);
     }
 
     fn node_gone(&mut self, msg: NodeGone) {

@@ -8,6 +8,59 @@
 #[cfg(csm_postgres)]
 pub mod postgres;
 
+/// The contract suite file `$suite` (under `tests/contract/`, the path
+/// taken from the calling test file), once per
+/// backend: modules `sled`, and `postgres` when PostgreSQL's programs are
+/// installed (otherwise a test says the PostgreSQL half was left out). The
+/// suite calls `start()`, `start_with(tweak)` and `start_in(dir, tweak)`,
+/// which this binds to the module's backend.
+#[macro_export]
+macro_rules! contract_suite {
+    ($suite:literal) => {
+        $crate::contract_suite!(@on sled, $crate::common::Backend::Sled, $suite);
+        #[cfg(csm_postgres)]
+        $crate::contract_suite!(@on postgres, $crate::common::Backend::Postgres, $suite);
+
+        #[cfg(not(csm_postgres))]
+        #[test]
+        fn postgres_suite_needs_postgresql_installed() {
+            eprintln!(
+                "PostgreSQL's server programs were not found when this was built: the suite \
+                 ran on sled only. Install PostgreSQL (or set CSM_PG_BINDIR) to run it on \
+                 PostgreSQL too."
+            );
+        }
+    };
+    (@on $module:ident, $backend:expr, $suite:literal) => {
+        mod $module {
+            use crate::common;
+            use std::path::Path;
+
+            const BACKEND: common::Backend = $backend;
+
+            #[allow(dead_code)]
+            fn start() -> common::TestServer {
+                common::TestServer::start_on(BACKEND, |_| {})
+            }
+
+            #[allow(dead_code)]
+            fn start_with(tweak: impl FnOnce(&mut csm::config::Config)) -> common::TestServer {
+                common::TestServer::start_on(BACKEND, tweak)
+            }
+
+            #[allow(dead_code)]
+            fn start_in(
+                dir: &Path,
+                tweak: impl FnOnce(&mut csm::config::Config),
+            ) -> common::TestServer {
+                common::TestServer::start_in_on(BACKEND, dir, tweak)
+            }
+
+            include!(concat!("contract/", $suite));
+        }
+    };
+}
+
 /// Which store a test server runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -53,7 +53,10 @@ impl PgDirectory {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
             .query_opt(
-                "SELECT password_hash, created_unix FROM users WHERE name = $1",
+                prepared!(
+                    client,
+                    "SELECT password_hash, created_unix FROM users WHERE name = $1"
+                ),
                 &[&name],
             )
             .await
@@ -69,8 +72,11 @@ impl PgDirectory {
         let tx = client.transaction().await.map_err(db_error)?;
         let inserted = tx
             .execute(
-                "INSERT INTO users (name, password_hash, created_unix) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO NOTHING",
+                prepared!(
+                    tx,
+                    "INSERT INTO users (name, password_hash, created_unix) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING"
+                ),
                 &[&name, &record.password_hash, &(record.created_unix as i64)],
             )
             .await
@@ -87,7 +93,7 @@ impl PgDirectory {
         let tx = client.transaction().await.map_err(db_error)?;
         let updated = tx
             .execute(
-                "UPDATE users SET password_hash = $2 WHERE name = $1",
+                prepared!(tx, "UPDATE users SET password_hash = $2 WHERE name = $1"),
                 &[&name, &record.password_hash],
             )
             .await
@@ -104,14 +110,20 @@ impl PgDirectory {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db_error)?;
         let locked = tx
-            .query_opt("SELECT 1 FROM users WHERE name = $1 FOR UPDATE", &[&name])
+            .query_opt(
+                prepared!(tx, "SELECT 1 FROM users WHERE name = $1 FOR UPDATE"),
+                &[&name],
+            )
             .await
             .map_err(db_error)?;
         if locked.is_none() {
             return Ok(false);
         }
         let seqs: Vec<i64> = tx
-            .query("SELECT seq FROM mailbox WHERE username = $1", &[&name])
+            .query(
+                prepared!(tx, "SELECT seq FROM mailbox WHERE username = $1"),
+                &[&name],
+            )
             .await
             .map_err(db_error)?
             .iter()
@@ -119,7 +131,7 @@ impl PgDirectory {
             .collect();
         self.known().remove(name);
         remove_entries(&tx, name, &seqs).await?;
-        tx.execute("DELETE FROM users WHERE name = $1", &[&name])
+        tx.execute(prepared!(tx, "DELETE FROM users WHERE name = $1"), &[&name])
             .await
             .map_err(db_error)?;
         notify(&tx, &Hint::UserRemoved { user: name.into() }).await?;
@@ -130,7 +142,10 @@ impl PgDirectory {
     async fn list(&self) -> Result<Vec<String>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let rows = client
-            .query("SELECT name FROM users ORDER BY name COLLATE \"C\"", &[])
+            .query(
+                prepared!(client, "SELECT name FROM users ORDER BY name COLLATE \"C\""),
+                &[],
+            )
             .await
             .map_err(db_error)?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -142,9 +157,12 @@ pub(crate) async fn notify(
     tx: &deadpool_postgres::Transaction<'_>,
     hint: &Hint,
 ) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &hint.payload()])
-        .await
-        .map_err(db_error)?;
+    tx.execute(
+        prepared!(tx, "SELECT pg_notify($1, $2)"),
+        &[&CHANNEL, &hint.payload()],
+    )
+    .await
+    .map_err(db_error)?;
     Ok(())
 }
 

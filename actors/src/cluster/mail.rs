@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deadpool_postgres::{Pool, Transaction};
+use futures_util::future::{try_join, try_join4};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::mailboxes::{
@@ -80,6 +81,12 @@ pub struct PgMail {
     pool: Pool,
     jobs: mpsc::Sender<Work>,
     settings: Arc<MailboxSettings>,
+}
+
+impl From<StoreError> for StreamError {
+    fn from(e: StoreError) -> Self {
+        stream_error(e)
+    }
 }
 
 /// A database failure as the message stream reports it.
@@ -163,9 +170,12 @@ impl PgMail {
         let client = self.pool.get().await.map_err(pool_error)?;
         let rows = client
             .query(
-                "SELECT m.seq, m.id, m.sender, m.size, m.stored_unix
+                prepared!(
+                    client,
+                    "SELECT m.seq, m.id, m.sender, m.size, m.stored_unix
                  FROM mailbox b JOIN messages m ON m.seq = b.seq
-                 WHERE b.username = $1 ORDER BY b.seq",
+                 WHERE b.username = $1 ORDER BY b.seq"
+                ),
                 &[&user],
             )
             .await
@@ -195,9 +205,12 @@ impl PgMail {
         let client = self.pool.get().await.map_err(pool_error)?;
         let rows = client
             .query(
-                "SELECT b.username, m.seq, m.id, m.sender, m.size, m.stored_unix
+                prepared!(
+                    client,
+                    "SELECT b.username, m.seq, m.id, m.sender, m.size, m.stored_unix
                  FROM mailbox b JOIN messages m ON m.seq = b.seq
-                 WHERE b.username = ANY($1) ORDER BY b.username, b.seq",
+                 WHERE b.username = ANY($1) ORDER BY b.username, b.seq"
+                ),
                 &[&users],
             )
             .await
@@ -232,9 +245,12 @@ impl PgMail {
             .map_err(|e| stream_error(pool_error(e)))?;
         let row = client
             .query_opt(
-                "SELECT m.sender, m.recipients, m.size, m.stored_unix, m.data
+                prepared!(
+                    client,
+                    "SELECT m.sender, m.recipients, m.size, m.stored_unix, m.data
                  FROM mailbox b JOIN messages m ON m.seq = b.seq
-                 WHERE b.username = $1 AND m.id = $2",
+                 WHERE b.username = $1 AND m.id = $2"
+                ),
                 &[&user, &id.as_bytes()],
             )
             .await
@@ -279,10 +295,13 @@ impl PgMail {
         let tx = client.transaction().await.map_err(db_error)?;
         let gone = tx
             .query(
-                "DELETE FROM mailbox b USING messages m
+                prepared!(
+                    tx,
+                    "DELETE FROM mailbox b USING messages m
                  WHERE m.seq = b.seq AND b.username = $1 AND ($2::bytea IS NULL OR m.id = $2)
                    AND ($3::bigint IS NULL OR m.stored_unix < $3)
-                 RETURNING b.seq, m.size",
+                 RETURNING b.seq, m.size"
+                ),
                 &[&user, &id, &cutoff],
             )
             .await
@@ -303,10 +322,13 @@ impl PgMail {
             .map_err(|e| stream_error(pool_error(e)))?;
         let rows = client
             .query(
-                "SELECT b.username, m.id, m.sender, m.recipients, m.size, m.stored_unix, m.data
+                prepared!(
+                    client,
+                    "SELECT b.username, m.id, m.sender, m.recipients, m.size, m.stored_unix, m.data
                  FROM mailbox b JOIN messages m ON m.seq = b.seq
                  WHERE $1::text IS NULL OR b.username = $1
-                 ORDER BY b.username COLLATE \"C\", b.seq",
+                 ORDER BY b.username COLLATE \"C\", b.seq"
+                ),
                 &[&user],
             )
             .await
@@ -345,8 +367,11 @@ impl PgMail {
         let client = self.pool.get().await.map_err(pool_error)?;
         let rows = client
             .query(
-                "SELECT name, box_messages, box_bytes FROM users WHERE box_messages > 0
-                 ORDER BY name COLLATE \"C\"",
+                prepared!(
+                    client,
+                    "SELECT name, box_messages, box_bytes FROM users WHERE box_messages > 0
+                 ORDER BY name COLLATE \"C\""
+                ),
                 &[],
             )
             .await
@@ -370,11 +395,14 @@ impl PgMail {
         loop {
             let deleted = client
                 .execute(
-                    "DELETE FROM message_ids WHERE id IN (
+                    prepared!(
+                        client,
+                        "DELETE FROM message_ids WHERE id IN (
                         SELECT i.id FROM message_ids i
                         WHERE i.accepted_unix < $1
                           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.seq = i.seq)
-                        ORDER BY i.accepted_unix LIMIT $2)",
+                        ORDER BY i.accepted_unix LIMIT $2)"
+                    ),
                     &[&cutoff, &PRUNE_CHUNK],
                 )
                 .await
@@ -410,9 +438,12 @@ pub(crate) async fn remove_entries(
     }
     let gone = tx
         .query(
-            "DELETE FROM mailbox b USING messages m
+            prepared!(
+                tx,
+                "DELETE FROM mailbox b USING messages m
              WHERE m.seq = b.seq AND b.username = $1 AND b.seq = ANY($2)
-             RETURNING b.seq, m.size",
+             RETURNING b.seq, m.size"
+            ),
             &[&user, &seqs],
         )
         .await
@@ -438,8 +469,11 @@ async fn release(
     let seqs = removed.len();
     let bytes: i64 = removed.iter().map(|(_, size)| size).sum();
     tx.execute(
-        "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
-         WHERE name = $1",
+        prepared!(
+            tx,
+            "UPDATE users SET box_messages = box_messages - $2, box_bytes = box_bytes - $3
+         WHERE name = $1"
+        ),
         &[&user, &(seqs as i64), &bytes],
     )
     .await
@@ -455,19 +489,24 @@ async fn release_messages(tx: &Transaction<'_>, removed: &[(i64, i64)]) -> Resul
     }
     let seqs: Vec<i64> = removed.iter().map(|(seq, _)| *seq).collect();
     // Message rows in number order, so that removals never deadlock.
-    tx.execute(
-        "WITH gone AS (SELECT seq, count(*) AS n FROM unnest($1::bigint[]) AS seq GROUP BY seq),
+    let unhold = tx
+        .prepare_cached(
+            "WITH gone AS (SELECT seq, count(*) AS n FROM unnest($1::bigint[]) AS seq GROUP BY seq),
               locked AS (SELECT m.seq FROM messages m JOIN gone ON gone.seq = m.seq
                          ORDER BY m.seq FOR NO KEY UPDATE OF m)
          UPDATE messages m SET holders = m.holders - gone.n FROM gone, locked
          WHERE m.seq = gone.seq AND locked.seq = gone.seq",
-        &[&seqs],
-    )
-    .await
-    .map_err(db_error)?;
-    tx.execute(
-        "DELETE FROM messages WHERE seq = ANY($1) AND holders <= 0",
-        &[&seqs],
+        )
+        .await
+        .map_err(db_error)?;
+    let drop_unheld = tx
+        .prepare_cached("DELETE FROM messages WHERE seq = ANY($1) AND holders <= 0")
+        .await
+        .map_err(db_error)?;
+    // Sent together, run in order.
+    try_join(
+        tx.execute(&unhold, &[&seqs]),
+        tx.execute(&drop_unheld, &[&seqs]),
     )
     .await
     .map_err(db_error)?;
@@ -573,21 +612,24 @@ async fn commit_batch(
     names.dedup();
     // The quota rows, locked in name order so that committers never
     // deadlock on them.
-    let rows = tx
-        .query(
+    let lock = tx
+        .prepare_cached(
             "SELECT name, box_messages, box_bytes FROM users WHERE name = ANY($1)
              ORDER BY name COLLATE \"C\" FOR NO KEY UPDATE",
-            &[&names],
         )
         .await
         .map_err(db_error)?;
+    let ids: Vec<&[u8]> = batch.iter().map(|job| job.msg.id.as_bytes()).collect();
+    let (rows, earlier) = try_join(
+        async { tx.query(&lock, &[&names]).await.map_err(db_error) },
+        known_ids(&tx, &ids),
+    )
+    .await?;
     let mut usage: HashMap<String, (i64, i64)> = rows
         .iter()
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
     let removed = remove_batch(&tx, removals, &mut usage).await?;
-    let ids: Vec<&[u8]> = batch.iter().map(|job| job.msg.id.as_bytes()).collect();
-    let earlier = known_ids(&tx, &ids).await?;
 
     let mut decisions = Vec::with_capacity(batch.len());
     let mut first_with_id: HashMap<&[u8], usize> = HashMap::new();
@@ -676,10 +718,13 @@ async fn remove_batch(
     let ids: Vec<&[u8]> = removals.iter().map(|r| r.id.as_bytes()).collect();
     let rows = tx
         .query(
-            "DELETE FROM mailbox b USING messages m,
+            prepared!(
+                tx,
+                "DELETE FROM mailbox b USING messages m,
                  unnest($1::text[], $2::bytea[]) AS r (username, id)
              WHERE m.seq = b.seq AND b.username = r.username AND m.id = r.id
-             RETURNING b.username, m.id, b.seq, m.size",
+             RETURNING b.username, m.id, b.seq, m.size"
+            ),
             &[&users, &ids],
         )
         .await
@@ -697,7 +742,6 @@ async fn remove_batch(
         per_user.entry(user).or_default().push((seq, size));
     }
     let all: Vec<(i64, i64)> = per_user.values().flatten().copied().collect();
-    release_messages(tx, &all).await?;
     let (names, counts): (Vec<&str>, Vec<(i64, i64)>) = per_user
         .iter()
         .map(|(user, entries)| {
@@ -711,15 +755,21 @@ async fn remove_batch(
         })
         .unzip();
     let (messages, bytes): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
-    tx.execute(
-        "UPDATE users u SET box_messages = u.box_messages - d.messages,
+    let uncount = tx
+        .prepare_cached(
+            "UPDATE users u SET box_messages = u.box_messages - d.messages,
                             box_bytes = u.box_bytes - d.bytes
          FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d (name, messages, bytes)
          WHERE u.name = d.name",
-        &[&names, &messages, &bytes],
-    )
-    .await
-    .map_err(db_error)?;
+        )
+        .await
+        .map_err(db_error)?;
+    try_join(release_messages(tx, &all), async {
+        tx.execute(&uncount, &[&names, &messages, &bytes])
+            .await
+            .map_err(db_error)
+    })
+    .await?;
     Ok(removals
         .iter()
         .map(|r| gone.remove(&(r.user.clone(), r.id.as_bytes().to_vec())))
@@ -756,7 +806,10 @@ async fn known_ids(
 ) -> Result<HashMap<Vec<u8>, IdRecord>, StoreError> {
     let rows = tx
         .query(
-            "SELECT id, sender, digest, seq FROM message_ids WHERE id = ANY($1)",
+            prepared!(
+                tx,
+                "SELECT id, sender, digest, seq FROM message_ids WHERE id = ANY($1)"
+            ),
             &[&ids],
         )
         .await
@@ -841,10 +894,13 @@ async fn claim_ids(
         .collect();
     let rows = tx
         .query(
-            "INSERT INTO message_ids (id, sender, digest, seq, accepted_unix)
+            prepared!(
+                tx,
+                "INSERT INTO message_ids (id, sender, digest, seq, accepted_unix)
              SELECT id, sender, digest, nextval('message_seq'), $4
              FROM unnest($1::bytea[], $2::text[], $3::bytea[]) AS t (id, sender, digest)
-             ON CONFLICT (id) DO NOTHING RETURNING id, seq",
+             ON CONFLICT (id) DO NOTHING RETURNING id, seq"
+            ),
             &[&ids, &senders, &digests, &(unix_now() as i64)],
         )
         .await
@@ -902,45 +958,55 @@ async fn write_messages(
         };
         hints.extend(hint.payloads());
     }
-    tx.execute(
-        "INSERT INTO messages (seq, id, sender, recipients, size, stored_unix, holders, data)
+    let insert_messages = tx
+        .prepare_cached(
+            "INSERT INTO messages (seq, id, sender, recipients, size, stored_unix, holders, data)
          SELECT seq, id, sender, string_to_array(recipients, E'\\n'), size, $8, holders, data
          FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[], $5::bigint[],
                      $6::bigint[], $7::bytea[])
               AS t (seq, id, sender, recipients, size, holders, data)",
-        &[
-            &seqs,
-            &ids,
-            &senders,
-            &recipient_lines,
-            &sizes,
-            &holders,
-            &data,
-            &now,
-        ],
-    )
-    .await
-    .map_err(db_error)?;
-    tx.execute(
-        "INSERT INTO mailbox (username, seq) SELECT * FROM unnest($1::text[], $2::bigint[])",
-        &[&entry_users, &entry_seqs],
-    )
-    .await
-    .map_err(db_error)?;
-    let (names, counts): (Vec<&str>, Vec<(i64, i64)>) = added.into_iter().unzip();
-    let (messages, bytes): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
-    tx.execute(
-        "UPDATE users u SET box_messages = u.box_messages + d.messages,
+        )
+        .await
+        .map_err(db_error)?;
+    let insert_entries = tx
+        .prepare_cached(
+            "INSERT INTO mailbox (username, seq) SELECT * FROM unnest($1::text[], $2::bigint[])",
+        )
+        .await
+        .map_err(db_error)?;
+    let count = tx
+        .prepare_cached(
+            "UPDATE users u SET box_messages = u.box_messages + d.messages,
                             box_bytes = u.box_bytes + d.bytes
          FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d (name, messages, bytes)
          WHERE u.name = d.name",
-        &[&names, &messages, &bytes],
-    )
-    .await
-    .map_err(db_error)?;
-    tx.execute(
-        "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-        &[&super::CHANNEL, &hints],
+        )
+        .await
+        .map_err(db_error)?;
+    let notify = tx
+        .prepare_cached("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+        .await
+        .map_err(db_error)?;
+    let (names, counts): (Vec<&str>, Vec<(i64, i64)>) = added.into_iter().unzip();
+    let (messages, bytes): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
+    // Sent together, run in order (the entries after their messages).
+    try_join4(
+        tx.execute(
+            &insert_messages,
+            &[
+                &seqs,
+                &ids,
+                &senders,
+                &recipient_lines,
+                &sizes,
+                &holders,
+                &data,
+                &now,
+            ],
+        ),
+        tx.execute(&insert_entries, &[&entry_users, &entry_seqs]),
+        tx.execute(&count, &[&names, &messages, &bytes]),
+        tx.execute(&notify, &[&super::CHANNEL, &hints]),
     )
     .await
     .map_err(db_error)?;

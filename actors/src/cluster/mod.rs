@@ -10,6 +10,14 @@
 //! - `mail.rs`: mailboxes, with group commit over a pool of connections.
 //! - `node.rs`: the node's lease, its presence publisher and the listener.
 
+/// A statement prepared once per connection (deadpool's statement cache):
+/// a query given as text would cost a round trip to prepare every time.
+macro_rules! prepared {
+    ($client:expr, $sql:expr) => {
+        &$client.prepare_cached($sql).await.map_err(db_error)?
+    };
+}
+
 mod directory;
 mod hint;
 mod mail;

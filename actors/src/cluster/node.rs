@@ -637,12 +637,12 @@ fn dispatch(payload: &str, me: &str, targets: &NodeTargets) {
             version,
             user,
             state,
-        }) if node != me => targets.presence.do_send(RemotePresence {
+        }) if node != me => targets.presence.do_send(RemotePresence(RemoteRow {
             node,
             version,
             user,
             state,
-        }),
+        })),
         Some(Hint::NodeGone { node }) if node != me => targets.presence.do_send(NodeGone { node }),
         Some(Hint::UserAdded { user }) => targets.presence.do_send(UserAdded { user }),
         Some(Hint::UserRemoved { user }) => {
