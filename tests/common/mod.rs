@@ -33,7 +33,7 @@ macro_rules! contract_suite {
     };
     (@on $module:ident, $backend:expr, $suite:literal) => {
         mod $module {
-            use crate::common;
+            use $crate::common;
             use std::path::Path;
 
             const BACKEND: common::Backend = $backend;
