@@ -389,6 +389,12 @@ impl PresenceActor {
         }
         let user = msg.user.clone();
         let outbound = msg.outbound.clone();
+        // A user who signed on is registered, even if the news has not
+        // reached presence yet (an admin's `UserAdded` still queued, or
+        // another node's hint on its way): list and announce them now.
+        if !self.users.contains(&user) {
+            self.user_added(UserAdded { user: user.clone() });
+        }
         self.change(&user, true, |actor, now| {
             actor
                 .online
@@ -635,5 +641,111 @@ impl Handler<ListOnline> for PresenceActor {
             || self.list_online(),
             Vec::new,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound;
+    use crate::proto::frame::read_frame;
+    use crate::proto::packet::Decoded;
+    use actix::Actor;
+    use std::time::Duration;
+
+    /// An outbound queue whose frames the test reads back as packets.
+    fn session() -> (Outbound, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(1 << 16);
+        let (out, writer) = outbound::channel(server, 64, Duration::from_secs(5), 1 << 16);
+        actix::spawn(async move {
+            writer.await;
+        });
+        (out, client)
+    }
+
+    async fn packets(client: &mut tokio::io::DuplexStream, count: usize) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            let read = read_frame(client, 1 << 16, Duration::from_secs(5));
+            let Ok(frame) = tokio::time::timeout(Duration::from_secs(5), read).await else {
+                panic!("{} packets came, {count} expected: {seen:?}", seen.len());
+            };
+            let frame = frame.unwrap().unwrap();
+            if let Ok(Decoded::Known(packet)) = Packet::decode(&frame) {
+                seen.push(packet);
+            }
+        }
+        seen
+    }
+
+    #[actix_rt::test]
+    async fn a_user_signing_on_before_being_announced_is_listed_and_announced() {
+        let presence = PresenceActor::new(["alice".to_string()]).start();
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let (alice, mut alice_read) = session();
+        presence
+            .send(Register {
+                user: "alice".into(),
+                session: 1,
+                outbound: alice,
+                peer,
+            })
+            .await
+            .unwrap();
+        packets(&mut alice_read, 2).await;
+        // bob's UserAdded has not arrived: his sign-on still lists him.
+        let (bob, mut bob_read) = session();
+        presence
+            .send(Register {
+                user: "bob".into(),
+                session: 2,
+                outbound: bob,
+                peer,
+            })
+            .await
+            .unwrap();
+        let snapshot = packets(&mut bob_read, 4).await;
+        let added: Vec<&Packet> = snapshot
+            .iter()
+            .filter(|p| matches!(p, Packet::AddUser { .. }))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                &Packet::AddUser {
+                    username: "alice".into()
+                },
+                &Packet::AddUser {
+                    username: "bob".into()
+                }
+            ]
+        );
+        assert_eq!(
+            packets(&mut alice_read, 2).await,
+            [
+                Packet::AddUser {
+                    username: "bob".into()
+                },
+                status("bob", Status::Online, None)
+            ]
+        );
+        // The late UserAdded changes nothing.
+        presence
+            .send(UserAdded { user: "bob".into() })
+            .await
+            .unwrap();
+        presence
+            .send(SetIdle {
+                user: "alice".into(),
+                session: 1,
+                idle_secs: 3,
+            })
+            .await
+            .unwrap();
+        let next = packets(&mut bob_read, 1).await;
+        assert!(
+            matches!(&next[0], Packet::StatusChange { username, status: Status::Idle, .. } if username == "alice"),
+            "{next:?}"
+        );
     }
 }
