@@ -272,3 +272,39 @@ async fn a_database_restart_refuses_sends_and_the_nodes_recover_by_themselves() 
         assert!(announced.contains(id), "bob never heard of {id}");
     }
 }
+
+#[tokio::test]
+async fn a_send_the_store_does_not_confirm_in_time_is_unavailable_and_safe_to_retry() {
+    let server = TestServer::start_on(Backend::Postgres, |c| c.timeouts.exchange_secs = 2);
+    for user in ["alice", "bob"] {
+        server.add_user(user, &password_of(user));
+    }
+    let db = database_of(server.store_url.as_deref().unwrap());
+    // Another session holds bob's row, so the storing transaction waits.
+    let holder = std::thread::spawn(move || {
+        Postgres::shared().sql(
+            &db,
+            "BEGIN; SELECT name FROM users WHERE name = 'bob' FOR UPDATE; \
+             SELECT pg_sleep(4); COMMIT;",
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let data = sample_data("slow");
+    match server.send("alice", "slow-1", &["bob"], &data).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.text.contains("same id"), "{e}");
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    holder.join().unwrap();
+    // The retry is done, and one copy waits.
+    server
+        .send("alice", "slow-1", &["bob"], &data)
+        .await
+        .unwrap();
+    let mut bob = server.login("bob").await;
+    let (_, _, waiting) = read_sign_on(&mut bob, 1, 1).await;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(server.receive("bob", "slow-1").await.unwrap().data, data);
+}

@@ -62,14 +62,26 @@ where
             "server is shutting down; try again",
         ))
     } else {
+        let storing = std::cell::Cell::new(false);
         let exchange = Exchange {
             services: &services,
             peer,
             reader: &mut reader,
             writer: &mut writer,
+            storing: &storing,
         };
         match tokio::time::timeout(exchange_timeout, exchange.run()).await {
             Ok(outcome) => outcome,
+            // The client sent everything; the store did not confirm in
+            // time. The message may still be stored: a retry with the same
+            // id is answered `done` then, and stores nothing twice.
+            Err(_) if storing.get() => Err(answer(
+                ErrorCode::Unavailable,
+                format!(
+                    "the store did not confirm the message within {}s; try again with the same id",
+                    exchange_timeout.as_secs()
+                ),
+            )),
             Err(_) => Err(answer(
                 ErrorCode::Malformed,
                 format!(
@@ -108,6 +120,8 @@ struct Exchange<'a, R, W> {
     peer: SocketAddr,
     reader: &'a mut R,
     writer: &'a mut W,
+    /// Set once the whole message is read and handed to the mailbox.
+    storing: &'a std::cell::Cell<bool>,
 }
 
 impl<R, W> Exchange<'_, R, W>
@@ -215,6 +229,7 @@ where
             ));
         }
         let data = self.data().await?;
+        self.storing.set(true);
         let delivered = self
             .services
             .mailbox
