@@ -153,7 +153,14 @@ impl Authenticator {
         let record = self.store.get_user(user).await?;
         let exists = record.is_some();
         let hash = record.map_or_else(|| self.dummy_hash.clone(), |r| r.password_hash);
-        let ok = self.run_argon2(hash, password.to_owned()).await? && exists;
+        let mut ok = self.run_argon2(hash.clone(), password.to_owned()).await? && exists;
+        if ok && self.generation.load(Ordering::Acquire) != generation {
+            // Someone's password changed or someone was removed while argon2
+            // ran: the answer stands only if this user's record still holds
+            // the hash just checked.
+            let now = self.store.get_user(user).await?;
+            ok = now.is_some_and(|record| record.password_hash == hash);
+        }
         if ok {
             let mut cache = self.cache_lock();
             if self.generation.load(Ordering::Acquire) == generation {
@@ -420,5 +427,30 @@ mod tests {
         auth.forget("alice");
         assert!(!auth.verify("alice", "secret").await.unwrap());
         assert!(auth.verify("alice", "changed").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_removal_during_the_check_refuses_the_login() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let record = UserRecord {
+            password_hash: hash_password("secret").unwrap(),
+            created_unix: 0,
+        };
+        store.add_user("bob", &record).unwrap();
+        let (commit, _flusher) =
+            GroupCommit::start(store.clone(), 16, std::time::Duration::ZERO).unwrap();
+        let users = Arc::new(SledDirectory::new(store.clone(), commit));
+        let auth = Arc::new(Authenticator::new(users, AuthSettings::default()).unwrap());
+        let checking = tokio::spawn({
+            let auth = auth.clone();
+            async move { auth.verify("bob", "secret").await.unwrap() }
+        });
+        // argon2 takes tens of milliseconds: remove bob while it runs.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        store.remove_user("bob").unwrap();
+        auth.forget("bob");
+        assert!(!checking.await.unwrap(), "a removed user signed on");
+        assert!(!auth.cache_lock().contains_key("bob"));
     }
 }
