@@ -10,7 +10,7 @@
 //! them.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFuture, WrapFuture};
 use bytes::Bytes;
@@ -26,13 +26,16 @@ use crate::proto::lines::{ErrorCode, StreamError};
 use crate::proto::Packet;
 
 /// Past this many remembered notices a session's memory of them is
-/// cleared (at worst a later duplicate notice, which clients ignore).
+/// cleared (at worst a later duplicate notice). Rescans keep it near the
+/// mailbox's size long before that.
 const MAX_REMEMBERED: usize = 100_000;
 
 struct Subscriber {
     outbound: Outbound,
-    /// Messages this session has been told of.
-    announced: HashSet<u64>,
+    /// Messages this session has been told of, and when. Each rescan drops
+    /// the ones told before it started that no longer wait (received,
+    /// perhaps at another node), so this stays about the mailbox's size.
+    announced: HashMap<u64, Instant>,
     /// Notices held while the sign-on list is read (`None` once sent).
     held: Option<Vec<(u64, Bytes)>>,
 }
@@ -45,7 +48,9 @@ impl Subscriber {
                 if self.announced.len() >= MAX_REMEMBERED {
                     self.announced.clear();
                 }
-                if self.announced.insert(seq) {
+                if let std::collections::hash_map::Entry::Vacant(entry) = self.announced.entry(seq)
+                {
+                    entry.insert(Instant::now());
                     self.outbound.push(frame.clone());
                 }
             }
@@ -101,6 +106,23 @@ impl SharedMailboxActor {
             let frame = notice_frame(&entry.id, &entry.from, entry.size);
             for subscriber in sessions.values_mut() {
                 subscriber.tell(*seq, &frame);
+            }
+        }
+    }
+
+    /// Forgets the notices told before `started` of messages no longer
+    /// waiting: each message has a number of its own, so they never come
+    /// back.
+    fn forget_gone(&mut self, waiting: &HashMap<String, Vec<(u64, Entry)>>, started: Instant) {
+        for (user, sessions) in &mut self.subscribers {
+            let still: HashSet<u64> = waiting
+                .get(user)
+                .map(|entries| entries.iter().map(|(seq, _)| *seq).collect())
+                .unwrap_or_default();
+            for subscriber in sessions.values_mut() {
+                subscriber
+                    .announced
+                    .retain(|seq, told| *told >= started || still.contains(seq));
             }
         }
     }
@@ -193,14 +215,18 @@ impl Handler<Rescan> for SharedMailboxActor {
         if users.is_empty() {
             return;
         }
+        let started = Instant::now();
         let mail = self.mail.clone();
         ctx.spawn(
             async move { mail.waiting_for(&users).await }
                 .into_actor(self)
-                .map(|waiting, actor, _| match waiting {
+                .map(move |waiting, actor, _| match waiting {
                     Ok(waiting) => {
-                        for (user, entries) in waiting {
-                            actor.announce_waiting(&user, &entries);
+                        let waiting: HashMap<String, Vec<(u64, Entry)>> =
+                            waiting.into_iter().collect();
+                        actor.forget_gone(&waiting, started);
+                        for (user, entries) in &waiting {
+                            actor.announce_waiting(user, entries);
                         }
                     }
                     Err(e) => log::warn!("rescanning the mailboxes failed: {e}"),
@@ -308,7 +334,7 @@ impl Handler<Subscribe> for SharedMailboxActor {
                 msg.session,
                 Subscriber {
                     outbound: msg.outbound,
-                    announced: HashSet::new(),
+                    announced: HashMap::new(),
                     held: Some(Vec::new()),
                 },
             );
@@ -339,7 +365,7 @@ impl Handler<Subscribe> for SharedMailboxActor {
                 };
                 let mut frames = Vec::new();
                 for (seq, entry) in &waiting {
-                    subscriber.announced.insert(*seq);
+                    subscriber.announced.insert(*seq, Instant::now());
                     Packet::MessageAvailable {
                         id: entry.id.clone(),
                         from: entry.from.clone(),

@@ -27,7 +27,7 @@ use crate::mailboxes::{
 use crate::messages::{Deliver, Fetched};
 use crate::proto::data::{DataLimits, MessageData};
 use crate::proto::lines::{ErrorCode, StreamError};
-use crate::store::{unix_now, MessageHeader, StoreError};
+use crate::store::{unix_now, MessageHeader, StoreError, SPOOL_FROM_BYTES};
 
 use super::{db_error, pool_error, MailHint};
 
@@ -136,7 +136,18 @@ impl PgMail {
 
     /// Stores a message for its recipients; resolves once committed.
     pub async fn deliver(&self, msg: Deliver) -> Result<Accepted, StreamError> {
-        let digest = digest(&msg.recipients, &msg.data);
+        // SHA-256 of megabytes would hold up every session on this thread.
+        let (msg, digest) = if msg.data.len() >= SPOOL_FROM_BYTES {
+            tokio::task::spawn_blocking(move || {
+                let digest = digest(&msg.recipients, &msg.data);
+                (msg, digest)
+            })
+            .await
+            .map_err(|e| crate::mailboxes::internal(format!("hashing the message: {e}")))?
+        } else {
+            let digest = digest(&msg.recipients, &msg.data);
+            (msg, digest)
+        };
         let (reply, answer) = oneshot::channel();
         self.queue(Work::Deliver(Job { msg, digest, reply }))?;
         answer.await.unwrap_or_else(|_| Err(closed()))
