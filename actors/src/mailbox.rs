@@ -296,18 +296,7 @@ impl Handler<Subscribe> for MailboxActor {
 
 impl MailboxActor {
     fn subscribe(&mut self, msg: Subscribe) {
-        let mut frames = Vec::new();
-        for entry in self.mailboxes.committed(&msg.user) {
-            Packet::MessageAvailable {
-                id: entry.id.clone(),
-                from: entry.from.clone(),
-                size: entry.size,
-            }
-            .write_frame(&mut frames);
-        }
-        if !frames.is_empty() {
-            msg.outbound.push(Bytes::from(frames));
-        }
+        crate::mailboxes::queue_notices(&msg.outbound, self.mailboxes.committed(&msg.user));
         self.subscribers
             .entry(msg.user)
             .or_default()

@@ -57,6 +57,32 @@ pub struct Entry {
     pub committed: bool,
 }
 
+impl Entry {
+    /// This entry's `MessageAvailable`, appended to `frames`.
+    pub fn write_notice(&self, frames: &mut Vec<u8>) {
+        crate::proto::Packet::MessageAvailable {
+            id: self.id.clone(),
+            from: self.from.clone(),
+            size: self.size,
+        }
+        .write_frame(frames);
+    }
+}
+
+/// Queues one `MessageAvailable` per entry, oldest first, as one batch.
+pub fn queue_notices<'a>(
+    outbound: &crate::outbound::Outbound,
+    entries: impl IntoIterator<Item = &'a Entry>,
+) {
+    let mut frames = Vec::new();
+    for entry in entries {
+        entry.write_notice(&mut frames);
+    }
+    if !frames.is_empty() {
+        outbound.push(bytes::Bytes::from(frames));
+    }
+}
+
 #[derive(Default)]
 struct UserBox {
     entries: BTreeMap<u64, Entry>,

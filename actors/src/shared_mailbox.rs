@@ -16,7 +16,7 @@ use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFu
 use bytes::Bytes;
 
 use crate::cluster::{MailHint, PgMail};
-use crate::mailboxes::{Entry, MailboxItem, MailboxStats};
+use crate::mailboxes::{queue_notices, Entry, MailboxItem, MailboxStats};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailNotice, MailboxStatsRequest,
     Purge, Remove, Rescan, SessionId, Subscribe, Unsubscribe,
@@ -69,6 +69,12 @@ fn notice_frame(id: &str, from: &str, size: u64) -> Bytes {
     )
 }
 
+fn entry_frame(entry: &Entry) -> Bytes {
+    let mut frame = Vec::new();
+    entry.write_notice(&mut frame);
+    Bytes::from(frame)
+}
+
 /// Owns this node's mailbox subscriptions; see the module doc.
 pub struct SharedMailboxActor {
     mail: PgMail,
@@ -103,7 +109,7 @@ impl SharedMailboxActor {
             return;
         };
         for (seq, entry) in waiting {
-            let frame = notice_frame(&entry.id, &entry.from, entry.size);
+            let frame = entry_frame(entry);
             for subscriber in sessions.values_mut() {
                 subscriber.tell(*seq, &frame);
             }
@@ -363,19 +369,11 @@ impl Handler<Subscribe> for SharedMailboxActor {
                         return;
                     }
                 };
-                let mut frames = Vec::new();
-                for (seq, entry) in &waiting {
-                    subscriber.announced.insert(*seq, Instant::now());
-                    Packet::MessageAvailable {
-                        id: entry.id.clone(),
-                        from: entry.from.clone(),
-                        size: entry.size,
-                    }
-                    .write_frame(&mut frames);
-                }
-                if !frames.is_empty() {
-                    subscriber.outbound.push(Bytes::from(frames));
-                }
+                let now = Instant::now();
+                subscriber
+                    .announced
+                    .extend(waiting.iter().map(|(seq, _)| (*seq, now)));
+                queue_notices(&subscriber.outbound, waiting.iter().map(|(_, entry)| entry));
                 for (seq, frame) in subscriber.held.take().unwrap_or_default() {
                     subscriber.tell(seq, &frame);
                 }
