@@ -379,3 +379,53 @@ fn an_unreachable_database_or_a_newer_schema_stops_the_start_with_a_clear_error(
         "{newer}"
     );
 }
+
+#[tokio::test]
+async fn hints_lost_while_a_node_was_not_listening_are_repaired_by_its_rescan() {
+    let a = TestServer::start_on(Backend::Postgres, |c| c.store.lease_secs = 2);
+    let url = a.store_url.clone().unwrap();
+    // B rescans every three leases (30 s): within the 10 s this test waits
+    // only the rescan after reconnecting can repair what B missed.
+    let b = TestServer::start_on(Backend::Postgres, |c| {
+        c.store.url = Some(url);
+        c.store.node = Some("node-b".into());
+        c.store.lease_secs = 10;
+    });
+    add_users(&a, &["alice", "bob", "carol"]);
+    let mut bob = b.login("bob").await;
+    read_sign_on(&mut bob, 1, 0).await;
+
+    // Cut B's listening connection, then change things at A while B is
+    // reconnecting: their hints never reach B.
+    let db = database_of(&a);
+    let pg = Postgres::shared();
+    let cut = pg.sql(
+        &db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'csm node-b' AND query LIKE 'LISTEN%'",
+    );
+    assert_eq!(cut, "1", "B's listener found and cut");
+    a.send("alice", "lost-1", &["bob"], &sample_data("while cut"))
+        .await
+        .unwrap();
+    let mut carol = a.login("carol").await;
+    read_sign_on(&mut carol, 1, 0).await;
+
+    let (mut notice, mut online) = (false, false);
+    while !(notice && online) {
+        match next(&mut bob).await {
+            Packet::MessageAvailable { id, .. } => {
+                assert_eq!(id, "lost-1");
+                assert!(!notice, "announced twice");
+                notice = true;
+            }
+            Packet::StatusChange {
+                username, status, ..
+            } if username == "carol" => {
+                assert_eq!(status, Status::Online);
+                online = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
