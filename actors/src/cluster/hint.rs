@@ -115,10 +115,11 @@ impl MailHint {
 }
 
 impl Hint {
-    /// The payload of every hint but `Mail` (see [`MailHint::payloads`]).
+    /// The payload of this hint. A `Mail` hint whose recipients do not fit
+    /// in one payload is sent as [`MailHint::payloads`]; this is the first.
     pub fn payload(&self) -> String {
         match self {
-            Hint::Mail(mail) => mail.payloads().concat(),
+            Hint::Mail(mail) => mail.payloads().into_iter().next().unwrap_or_default(),
             Hint::Presence {
                 node,
                 version,
