@@ -244,6 +244,16 @@ impl Mailboxes {
             Some(_) => true,
             None => false,
         };
+        // The courier checked the names, but a user may have been removed
+        // since: storing for them would leave an entry nobody can receive.
+        for recipient in &msg.recipients {
+            if self.store.get_user(recipient).map_err(internal)?.is_none() {
+                return Err(StreamError::new(
+                    ErrorCode::UnknownRecipient,
+                    format!("no user {recipient}"),
+                ));
+            }
+        }
         let size = msg.data.len() as u64;
         for recipient in &msg.recipients {
             let (count, bytes) = self
@@ -536,9 +546,35 @@ mod tests {
     }
 
     #[test]
+    fn a_recipient_removed_after_the_courier_checked_it_gets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let record = crate::store::UserRecord {
+            password_hash: "$argon2id$x".into(),
+            created_unix: 0,
+        };
+        store.add_user("bob", &record).unwrap();
+        let mut mailboxes = Mailboxes::load(store.clone(), MailboxSettings::default()).unwrap();
+        store.remove_user("bob").unwrap();
+        match mailboxes.store_message(&deliver("late", "bob")) {
+            Err(e) => assert_eq!(e.code, ErrorCode::UnknownRecipient),
+            Ok(_) => panic!("stored for a removed user"),
+        }
+        assert!(store.mailbox_entries().unwrap().is_empty());
+        // Added again, the name starts with an empty mailbox.
+        store.add_user("bob", &record).unwrap();
+        assert!(mailboxes.committed("bob").next().is_none());
+    }
+
+    #[test]
     fn ids_are_kept_for_their_retention_and_while_their_message_waits() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let record = crate::store::UserRecord {
+            password_hash: "$argon2id$x".into(),
+            created_unix: 0,
+        };
+        store.add_user("bob", &record).unwrap();
         let keep_a_day = MailboxSettings::default();
         let mut mailboxes = Mailboxes::load(store.clone(), keep_a_day).unwrap();
         for id in ["waiting", "received"] {

@@ -141,34 +141,27 @@ pub async fn execute(request: Request, services: &Services, data_dir: &Path) -> 
             done(format!("user {name} added"))
         }
         Request::UserRemove { name } => {
-            if services
-                .users
-                .get_user(&name)
-                .await
-                .map_err(Failure::internal)?
-                .is_none()
-            {
-                return Err(Failure::not_found(format!("no user {name}")));
-            }
-            // The mailbox first, so that the count is what was waiting; the
-            // removal takes whatever a send slipped in meanwhile.
-            let dropped = mailbox
-                .send(DropMailbox { user: name.clone() })
-                .await
-                .map_err(unreachable)?
-                .map_err(Failure::from_stream)?;
-            if !services
+            let Some(with_user) = services
                 .users
                 .remove_user(&name)
                 .await
                 .map_err(Failure::internal)?
-            {
+            else {
                 return Err(Failure::not_found(format!("no user {name}")));
-            }
+            };
             services.auth.forget(&name);
             services
                 .presence
                 .do_send(UserRemoved { user: name.clone() });
+            // The user is gone first, so a send that checked the name
+            // before cannot store after the mailbox is dropped: the mailbox
+            // checks each recipient again.
+            let dropped = with_user
+                + mailbox
+                    .send(DropMailbox { user: name.clone() })
+                    .await
+                    .map_err(unreachable)?
+                    .map_err(Failure::from_stream)?;
             metrics::counter!(csm_actors::metrics::MESSAGES_DELETED).increment(dropped as u64);
             log::info!("admin: user {name} removed with {dropped} waiting messages");
             done(format!(

@@ -106,7 +106,7 @@ impl PgDirectory {
         Ok(true)
     }
 
-    async fn remove(&self, name: &str) -> Result<bool, StoreError> {
+    async fn remove(&self, name: &str) -> Result<Option<usize>, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db_error)?;
         let locked = tx
@@ -117,7 +117,7 @@ impl PgDirectory {
             .await
             .map_err(db_error)?;
         if locked.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
         let seqs: Vec<i64> = tx
             .query(
@@ -130,13 +130,13 @@ impl PgDirectory {
             .map(|row| row.get(0))
             .collect();
         self.known().remove(name);
-        remove_entries(&tx, name, &seqs).await?;
+        let removed = remove_entries(&tx, name, &seqs).await?.len();
         tx.execute(prepared!(tx, "DELETE FROM users WHERE name = $1"), &[&name])
             .await
             .map_err(db_error)?;
         notify(&tx, &Hint::UserRemoved { user: name.into() }).await?;
         tx.commit().await.map_err(db_error)?;
-        Ok(true)
+        Ok(Some(removed))
     }
 
     async fn list(&self) -> Result<Vec<String>, StoreError> {
@@ -190,7 +190,10 @@ impl Directory for PgDirectory {
         self.update(name, record).boxed()
     }
 
-    fn remove_user<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn remove_user<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<usize>, StoreError>> {
         self.remove(name).boxed()
     }
 

@@ -30,8 +30,10 @@ pub trait Directory: Send + Sync + 'static {
         record: &'a UserRecord,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Removes a user, durably, with whatever of their mailbox the backend
-    /// keeps beside the record; false if absent.
-    fn remove_user<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// removes in the same step; how many waiting messages went with them
+    /// (`None`: no such user). What is left is the mailbox actor's to drop.
+    fn remove_user<'a>(&'a self, name: &'a str)
+        -> BoxFuture<'a, Result<Option<usize>, StoreError>>;
     /// All usernames, sorted.
     fn list_users(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 
@@ -91,8 +93,13 @@ impl Directory for SledDirectory {
         self.committed(self.store.update_user(name, record)).boxed()
     }
 
-    fn remove_user<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.committed(self.store.remove_user(name)).boxed()
+    fn remove_user<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<usize>, StoreError>> {
+        // The mailbox actor drops the mailbox.
+        let removed = self.store.remove_user(name).map(|gone| gone.then_some(0));
+        self.committed(removed).boxed()
     }
 
     fn list_users(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
