@@ -545,15 +545,24 @@ mod tests {
         }
     }
 
+    fn bob() -> crate::store::UserRecord {
+        crate::store::UserRecord {
+            password_hash: "$argon2id$x".into(),
+            created_unix: 0,
+        }
+    }
+
+    /// A sled store in `dir` with the user bob.
+    fn store_with_bob(dir: &std::path::Path) -> Arc<dyn Store> {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+        store.add_user("bob", &bob()).unwrap();
+        store
+    }
+
     #[test]
     fn a_recipient_removed_after_the_courier_checked_it_gets_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let record = crate::store::UserRecord {
-            password_hash: "$argon2id$x".into(),
-            created_unix: 0,
-        };
-        store.add_user("bob", &record).unwrap();
+        let store = store_with_bob(dir.path());
         let mut mailboxes = Mailboxes::load(store.clone(), MailboxSettings::default()).unwrap();
         store.remove_user("bob").unwrap();
         match mailboxes.store_message(&deliver("late", "bob")) {
@@ -562,19 +571,14 @@ mod tests {
         }
         assert!(store.mailbox_entries().unwrap().is_empty());
         // Added again, the name starts with an empty mailbox.
-        store.add_user("bob", &record).unwrap();
+        store.add_user("bob", &bob()).unwrap();
         assert!(mailboxes.committed("bob").next().is_none());
     }
 
     #[test]
     fn ids_are_kept_for_their_retention_and_while_their_message_waits() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let record = crate::store::UserRecord {
-            password_hash: "$argon2id$x".into(),
-            created_unix: 0,
-        };
-        store.add_user("bob", &record).unwrap();
+        let store = store_with_bob(dir.path());
         let keep_a_day = MailboxSettings::default();
         let mut mailboxes = Mailboxes::load(store.clone(), keep_a_day).unwrap();
         for id in ["waiting", "received"] {

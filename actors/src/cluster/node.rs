@@ -167,10 +167,6 @@ impl Node {
         &self.name
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
     /// Starts the publisher, the lease keeper and the listener on the
     /// current runtime.
     pub fn start(&self, link: ClusterLink, targets: NodeTargets) {
