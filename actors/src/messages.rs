@@ -241,8 +241,12 @@ pub struct RepublishLocal;
 #[rtype(result = "()")]
 pub struct MailNotice(pub MailHint);
 
-/// Hints may have been lost: read the mailboxes of the users signed on
-/// here again and announce what they have not heard of.
+/// Reread the mailboxes of users signed on here: announce what their
+/// sessions have not heard of, and forget notices of messages no longer
+/// waiting. `all`: every such user (hints may have been lost); otherwise
+/// only users whose sessions remember many notices (pruning memory).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Rescan;
+pub struct Rescan {
+    pub all: bool,
+}

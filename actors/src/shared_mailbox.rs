@@ -26,15 +26,20 @@ use crate::proto::lines::{ErrorCode, StreamError};
 use crate::proto::Packet;
 
 /// Past this many remembered notices a session's memory of them is
-/// cleared (at worst a later duplicate notice). Rescans keep it near the
-/// mailbox's size long before that.
+/// cleared (at worst a later duplicate notice). Rescans keep it near
+/// [`PRUNE_FROM`] or the mailbox's size long before that.
 const MAX_REMEMBERED: usize = 100_000;
+
+/// The periodic rescan rereads only users whose sessions remember more
+/// notices than this.
+const PRUNE_FROM: usize = 1_000;
 
 struct Subscriber {
     outbound: Outbound,
-    /// Messages this session has been told of, and when. Each rescan drops
+    /// Messages this session has been told of, and when. A rescan drops
     /// the ones told before it started that no longer wait (received,
-    /// perhaps at another node), so this stays about the mailbox's size.
+    /// perhaps at another node); the periodic one runs for sessions past
+    /// [`PRUNE_FROM`], so this stays about the mailbox's size or below.
     announced: HashMap<u64, Instant>,
     /// Notices held while the sign-on list is read (`None` once sent).
     held: Option<Vec<(u64, Bytes)>>,
@@ -216,8 +221,15 @@ impl Handler<MailNotice> for SharedMailboxActor {
 impl Handler<Rescan> for SharedMailboxActor {
     type Result = ();
 
-    fn handle(&mut self, _: Rescan, ctx: &mut Context<Self>) {
-        let users: Vec<String> = self.subscribers.keys().cloned().collect();
+    fn handle(&mut self, msg: Rescan, ctx: &mut Context<Self>) {
+        let users: Vec<String> = self
+            .subscribers
+            .iter()
+            .filter(|(_, sessions)| {
+                msg.all || sessions.values().any(|s| s.announced.len() > PRUNE_FROM)
+            })
+            .map(|(user, _)| user.clone())
+            .collect();
         if users.is_empty() {
             return;
         }

@@ -7,9 +7,12 @@
 //!   that stopped renewing theirs (their rows go, and every node hears
 //!   that their users are gone);
 //! - the **listener** holds a dedicated connection that `LISTEN`s for
-//!   hints and hands them to the actors. After every (re)connect, and
-//!   periodically, it rereads users, presence and the local users'
-//!   mailboxes, so lost or duplicated hints do no lasting harm.
+//!   hints and hands them to the actors. After every (re)connect, and when
+//!   hints came faster than they were handled, it rereads users, presence
+//!   and the local users' mailboxes, so lost or duplicated hints do no
+//!   lasting harm. (While it is connected PostgreSQL delivers every hint
+//!   of a committed transaction; a `NOTIFY` that cannot be queued fails
+//!   its transaction instead.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -613,7 +616,9 @@ async fn listen(
                 Some(payload) => dispatch(&payload, &settings.node, targets),
                 None => break Err(StoreError::Unavailable("the hint connection closed".into())),
             },
-            _ = rescan.tick() => resync(pool, settings, targets).await,
+            // Connected, NOTIFY loses nothing committed: the periodic pass
+            // only keeps the sessions' memory of notices small.
+            _ = rescan.tick() => targets.rescan.do_send(Rescan { all: false }),
             _ = stop.changed() => break Ok(()),
         }
         if lost.swap(false, Ordering::AcqRel) {
@@ -661,7 +666,7 @@ async fn resync(pool: &Pool, settings: &PgSettings, targets: &NodeTargets) {
         }
         Err(e) => log::warn!("rereading presence from the database failed: {e}"),
     }
-    targets.rescan.do_send(Rescan);
+    targets.rescan.do_send(Rescan { all: true });
 }
 
 async fn read_snapshot(pool: &Pool, me: &str) -> Result<(Vec<String>, RemoteSnapshot), StoreError> {
