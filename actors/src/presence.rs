@@ -284,26 +284,43 @@ impl PresenceActor {
         }
     }
 
-    /// Every user shown online or idle, in name order, with how.
+    /// Every user shown online or idle, in name order, with how: one pass
+    /// over both sorted maps (this runs at every sign-on).
     fn shown_users(&self, now: Instant) -> Vec<(&str, Shown)> {
-        if self.remote.is_empty() {
-            return self
-                .online
-                .keys()
-                .map(|user| (user.as_str(), self.local_shown(user, now)))
-                .collect();
+        use std::cmp::Ordering;
+        let now_ms = unix_ms();
+        let mut local = self.online.iter().peekable();
+        let mut remote = self.remote.iter().peekable();
+        let mut shown = Vec::with_capacity(self.online.len() + self.remote.len());
+        loop {
+            let order = match (local.peek(), remote.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((here, _)), Some((there, _))) => here.cmp(there),
+            };
+            let next = match order {
+                Ordering::Less => local.next().map(|(u, o)| (u, Some(o), None)),
+                Ordering::Greater => remote.next().map(|(u, r)| (u, None, Some(r))),
+                Ordering::Equal => local
+                    .next()
+                    .zip(remote.next())
+                    .map(|((u, o), (_, r))| (u, Some(o), Some(r))),
+            };
+            let Some((user, here, there)) = next else {
+                break;
+            };
+            let mut how = here.map_or(Shown::Offline, |online| {
+                online.idle_secs(now).map_or(Shown::Online, Shown::Idle)
+            });
+            if let (false, Some(nodes)) = (how == Shown::Online, there) {
+                how = how.combine(remote_shown(nodes, now_ms));
+            }
+            if how != Shown::Offline {
+                shown.push((user.as_str(), how));
+            }
         }
-        let names: BTreeSet<&str> = self
-            .online
-            .keys()
-            .chain(self.remote.keys())
-            .map(String::as_str)
-            .collect();
-        names
-            .into_iter()
-            .map(|user| (user, self.shown(user, now)))
-            .filter(|(_, shown)| *shown != Shown::Offline)
-            .collect()
+        shown
     }
 
     fn user_list_frames(&mut self) -> Bytes {
