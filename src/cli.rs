@@ -1,10 +1,11 @@
-//! The command line: `csm serve | admin`.
+//! The command line: `csm serve | admin | sim | client`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::AdminArgs;
+use crate::client::cmd::ClientArgs;
 use crate::config::Overrides;
 use crate::sim::SimArgs;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Admin(AdminArgs),
     /// Load-test a server with simulated users, and check what it delivers.
     Sim(Box<SimArgs>),
+    /// A client: watch presence, send, list and receive messages, chat.
+    Client(Box<ClientArgs>),
 }
 
 /// `csm serve` options; each overrides the configuration file.

@@ -7,6 +7,8 @@ pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod password;
+pub mod save;
 pub mod serve;
 pub mod sim;
 pub mod tls;

@@ -7,8 +7,14 @@ use csm::cli::{Cli, Command, ServeArgs};
 use csm::config::Config;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // A client's standard error is its user's terminal: only warnings there.
+    let default_level = match cli.command {
+        Command::Client(_) => "warn",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     match cli.command {
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -19,6 +25,7 @@ fn main() -> ExitCode {
         },
         Command::Admin(args) => csm::admin::run(args),
         Command::Sim(args) => csm::sim::run(*args),
+        Command::Client(args) => csm::client::cmd::run(*args),
     }
 }
 

@@ -205,9 +205,43 @@ pub fn pinned_client_config_for(
     cert: CertificateDer<'static>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<Arc<ClientConfig>> {
+    pinned_config(Pin::Cert(cert), versions)
+}
+
+/// A client configuration that accepts exactly the server certificate whose
+/// SHA-256 fingerprint is `fingerprint` (hex, colons and case optional, as
+/// the server logs it at start); the handshake signatures are still
+/// verified.
+pub fn fingerprint_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>> {
+    pinned_config(Pin::Fingerprint(parse_fingerprint(fingerprint)?), VERSIONS)
+}
+
+/// `AB:CD:…` or `abcd…` → the 64 upper-case hex digits joined by colons,
+/// as [`fingerprint`] writes them.
+fn parse_fingerprint(text: &str) -> Result<String> {
+    let digits: String = text
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("{text:?} is not a SHA-256 fingerprint (64 hex digits, colons optional)");
+    }
+    Ok(digits
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).into_owned())
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+fn pinned_config(
+    pin: Pin,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<ClientConfig>> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
-        cert,
+        pin,
         provider: provider.clone(),
     });
     let config = ClientConfig::builder_with_provider(provider)
@@ -244,9 +278,17 @@ pub fn pinned_client_config_from_pem(cert_pem: &Path) -> Result<Arc<ClientConfig
     pinned_client_config(cert)
 }
 
+/// What a pinned client accepts: one certificate, byte for byte, or any
+/// certificate with one SHA-256 fingerprint (the same thing, given as text).
+#[derive(Debug)]
+enum Pin {
+    Cert(CertificateDer<'static>),
+    Fingerprint(String),
+}
+
 #[derive(Debug)]
 struct PinnedCert {
-    cert: CertificateDer<'static>,
+    pin: Pin,
     provider: Arc<CryptoProvider>,
 }
 
@@ -259,13 +301,16 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
+        let (matches, expected) = match &self.pin {
+            Pin::Cert(cert) => (end_entity.as_ref() == cert.as_ref(), fingerprint(cert)),
+            Pin::Fingerprint(expected) => (fingerprint(end_entity) == *expected, expected.clone()),
+        };
+        if matches {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "server certificate {} is not the pinned {}",
+                "the server's certificate {} is not the expected {expected}",
                 fingerprint(end_entity),
-                fingerprint(&self.cert)
             )))
         }
     }

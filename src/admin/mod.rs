@@ -138,18 +138,11 @@ pub fn run(args: AdminArgs) -> ExitCode {
 
 fn read_password(name: &str, from_stdin: bool) -> Result<String, String> {
     if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .take(4096)
-            .read_line(&mut line)
-            .map_err(|e| format!("reading the password from stdin: {e}"))?;
-        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+        return crate::password::from_stdin();
     }
-    let first = rpassword::prompt_password(format!("password for {name}: "))
-        .map_err(|e| format!("reading the password: {e}"))?;
-    let again =
-        rpassword::prompt_password("again: ").map_err(|e| format!("reading the password: {e}"))?;
+    let hint = "use --password-stdin";
+    let first = crate::password::prompt(&format!("password for {name}: "), hint)?;
+    let again = crate::password::prompt("again: ", hint)?;
     if first != again {
         return Err("the passwords differ".into());
     }

@@ -1,7 +1,6 @@
 //! How admin replies look: aligned tables for people, JSON for machines,
-//! and attachments saved under safe file names.
+//! and attachments saved (through `crate::save`).
 
-use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -137,63 +136,30 @@ pub fn print_reply(reply: &Reply, json: bool) {
 
 /// Writes each attachment of `message` into `dir` under a safe name.
 pub fn save_attachments(message: &MessageView, dir: &Path, json: bool) -> io::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
     let engine = base64::engine::general_purpose::STANDARD;
-    let mut used = HashSet::new();
-    let mut written = Vec::new();
-    for (index, attachment) in message.attachments.iter().enumerate() {
-        let bytes = match &attachment.data_base64 {
-            Some(b64) => engine
+    let mut decoded = Vec::new();
+    for attachment in &message.attachments {
+        if let Some(b64) = &attachment.data_base64 {
+            let bytes = engine
                 .decode(b64)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
-            None => continue,
-        };
-        let name = unique_name(&safe_file_name(&attachment.name, index), &mut used);
-        let path = dir.join(&name);
-        // create_new: never overwrite what is already there.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        io::Write::write_all(&mut file, &bytes)?;
-        if !json {
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            decoded.push((attachment.name.clone(), bytes));
+        }
+    }
+    let written = crate::save::write_files(
+        dir,
+        decoded
+            .iter()
+            .map(|(name, bytes)| (name.clone(), bytes.as_slice())),
+        &[],
+        false,
+    )?;
+    if !json {
+        for path in &written {
             eprintln!("saved {}", path.display());
         }
-        written.push(path);
     }
     Ok(written)
-}
-
-/// An attachment name made safe as a file name: only `A–Z a–z 0–9 . _ -`,
-/// no leading dot, at most 100 characters, never empty.
-pub fn safe_file_name(name: &str, index: usize) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect();
-    let cleaned = cleaned.trim_start_matches('.').to_owned();
-    if cleaned.is_empty() || cleaned.chars().all(|c| c == '_') {
-        format!("attachment-{}", index + 1)
-    } else {
-        cleaned
-    }
-}
-
-fn unique_name(name: &str, used: &mut HashSet<String>) -> String {
-    let mut candidate = name.to_owned();
-    let mut n = 2;
-    while !used.insert(candidate.clone()) {
-        candidate = format!("{n}-{name}");
-        n += 1;
-    }
-    candidate
 }
 
 /// `90` → `1m30s`.
@@ -250,19 +216,6 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn safe_names_cannot_escape_the_directory() {
-        assert_eq!(safe_file_name("../../etc/passwd", 0), "_.._etc_passwd");
-        assert_eq!(safe_file_name("..", 3), "attachment-4");
-        assert_eq!(safe_file_name(".bashrc", 0), "bashrc");
-        assert_eq!(safe_file_name("a b/c\0d😀.txt", 0), "a_b_c_d_.txt");
-        assert_eq!(safe_file_name("", 0), "attachment-1");
-        assert_eq!(safe_file_name("///", 1), "attachment-2");
-        let mut used = HashSet::new();
-        assert_eq!(unique_name("a.txt", &mut used), "a.txt");
-        assert_eq!(unique_name("a.txt", &mut used), "2-a.txt");
-    }
 
     #[test]
     fn human_units() {

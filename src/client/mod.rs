@@ -1,7 +1,9 @@
 //! A csm client over the project's own protocol code: TLS connection, the
 //! session stream (login, packets) and the message stream (send, receive).
 //! The simulator and the integration tests use it; it is also the reference
-//! for writing a client.
+//! for writing a client. `cmd` is the `csm client` command built on it.
+
+pub mod cmd;
 
 use std::io;
 use std::net::SocketAddr;
@@ -75,11 +77,21 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// Connects to a server named `localhost` (what the development
+    /// certificate and the tests' servers are).
     pub fn new(config: Arc<ClientConfig>) -> Connector {
+        let localhost = ServerName::try_from("localhost").expect("localhost is a valid name");
+        Connector::named(config, localhost)
+    }
+
+    /// Checks the certificate against `server_name`: a CA-based
+    /// configuration needs the right name; a pinned one accepts its
+    /// certificate whatever the name.
+    pub fn named(config: Arc<ClientConfig>, server_name: ServerName<'static>) -> Connector {
         Connector {
             tls: TlsConnector::from(config.clone()),
             config,
-            server_name: ServerName::try_from("localhost").expect("localhost is a valid name"),
+            server_name,
         }
     }
 
@@ -371,8 +383,7 @@ pub async fn receive_message(
     password: &str,
     id: &str,
 ) -> Result<Received, ClientError> {
-    let received = fetch_message(connector, addr, username, password, id, true).await?;
-    Ok(received)
+    fetch_message(connector, addr, username, password, id, true).await
 }
 
 /// Receives one message; acknowledges it with `done` only when `ack`.
@@ -384,81 +395,137 @@ pub async fn fetch_message(
     id: &str,
     ack: bool,
 ) -> Result<Received, ClientError> {
-    let stream = connector.connect(addr).await?;
-    let (reader, mut writer) = tokio::io::split(stream);
-    let mut reader = BufReader::new(reader);
-    let request = Header {
-        username: username.to_owned(),
-        password: password.to_owned(),
-        message_id: id.to_owned(),
-        action: Action::Receive,
+    let mut exchange = Receiving::open(connector, addr, username, password, id).await?;
+    let received = exchange.take();
+    if ack {
+        exchange.acknowledge().await?;
     }
-    .to_lines();
-    let exchange = async {
-        writer.write_all(&request).await?;
-        writer.flush().await?;
-        let sender = read_line(&mut reader, 1024).await?;
-        if let Some(error) = StreamError::parse(&sender) {
-            return Err(ClientError::Refused(error));
+    Ok(received)
+}
+
+/// A receive whose message has arrived and is not yet acknowledged: the
+/// caller keeps it (writes it out, shows it) and only then says `done`.
+/// Dropping it without [`Receiving::acknowledge`] leaves the message in the
+/// mailbox.
+pub struct Receiving {
+    reader: BufReader<ReadHalf<Tls>>,
+    writer: WriteHalf<Tls>,
+    received: Option<Received>,
+}
+
+impl Receiving {
+    /// Asks for message `id` and reads it whole.
+    pub async fn open(
+        connector: &Connector,
+        addr: SocketAddr,
+        username: &str,
+        password: &str,
+        id: &str,
+    ) -> Result<Receiving, ClientError> {
+        let stream = connector.connect(addr).await?;
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = BufReader::new(reader);
+        let request = Header {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            message_id: id.to_owned(),
+            action: Action::Receive,
         }
-        let password_line = read_line(&mut reader, 1024).await?;
-        let id_line = read_line(&mut reader, 1024).await?;
-        let action = read_line(&mut reader, 1024).await?;
-        if !password_line.is_empty() || action != "send" {
-            return Err(ClientError::Protocol(
-                "receive answer is not in send form".into(),
-            ));
-        }
-        let mut recipients = Vec::new();
-        loop {
-            let line = read_line(&mut reader, 1024).await?;
-            if line.is_empty() {
-                break;
-            }
-            recipients.push(line);
-        }
-        if reader.read_u8().await? != b'c' {
-            return Err(ClientError::Protocol("missing c before the data".into()));
-        }
-        let data = read_data(
-            &mut reader,
-            DataLimits {
-                max_bytes: usize::MAX,
-                max_attachments: usize::MAX,
-            },
-            STEP,
-        )
-        .await
-        .map_err(|e| match e {
-            ReadDataError::Io(e) => ClientError::Io(e),
-            other => ClientError::Protocol(other.to_string()),
-        })?;
-        if ack {
-            writer.write_all(DONE).await?;
+        .to_lines();
+        let exchange = async {
+            writer.write_all(&request).await?;
             writer.flush().await?;
-            // The server closes once the removal is durable.
+            read_received(&mut reader).await
+        };
+        let received = tokio::time::timeout(STEP * 4, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout("receive"))??;
+        Ok(Receiving {
+            reader,
+            writer,
+            received: Some(received),
+        })
+    }
+
+    /// The message (once; later calls get an empty one).
+    pub fn take(&mut self) -> Received {
+        self.received.take().unwrap_or_else(|| Received {
+            sender: String::new(),
+            id: String::new(),
+            recipients: Vec::new(),
+            data: Vec::new(),
+        })
+    }
+
+    /// Says `done` and waits for the server's close, which means the
+    /// removal is durable.
+    pub async fn acknowledge(mut self) -> Result<(), ClientError> {
+        let exchange = async {
+            self.writer.write_all(DONE).await?;
+            self.writer.flush().await?;
             let mut rest = Vec::new();
-            match (&mut reader).take(4096).read_to_end(&mut rest).await {
+            match (&mut self.reader).take(4096).read_to_end(&mut rest).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
                 Err(e) => return Err(e.into()),
             }
-            if !rest.is_empty() {
-                let text = String::from_utf8_lossy(&rest).trim_end().to_owned();
-                return Err(match StreamError::parse(&text) {
-                    Some(error) => ClientError::Refused(error),
-                    None => ClientError::Protocol(format!("unexpected bytes after done: {text:?}")),
-                });
+            if rest.is_empty() {
+                return Ok(());
             }
+            let text = String::from_utf8_lossy(&rest).trim_end().to_owned();
+            Err(match StreamError::parse(&text) {
+                Some(error) => ClientError::Refused(error),
+                None => ClientError::Protocol(format!("unexpected bytes after done: {text:?}")),
+            })
+        };
+        tokio::time::timeout(STEP * 4, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout("acknowledge"))?
+    }
+}
+
+/// Reads the server's answer to a receive: the message in send form.
+async fn read_received(reader: &mut BufReader<ReadHalf<Tls>>) -> Result<Received, ClientError> {
+    let sender = read_line(reader, 1024).await?;
+    if let Some(error) = StreamError::parse(&sender) {
+        return Err(ClientError::Refused(error));
+    }
+    let password_line = read_line(reader, 1024).await?;
+    let id = read_line(reader, 1024).await?;
+    let action = read_line(reader, 1024).await?;
+    if !password_line.is_empty() || action != "send" {
+        return Err(ClientError::Protocol(
+            "receive answer is not in send form".into(),
+        ));
+    }
+    let mut recipients = Vec::new();
+    loop {
+        let line = read_line(reader, 1024).await?;
+        if line.is_empty() {
+            break;
         }
-        Ok(Received {
-            sender,
-            id: id_line,
-            recipients,
-            data,
-        })
-    };
-    tokio::time::timeout(STEP * 4, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout("receive"))?
+        recipients.push(line);
+    }
+    if reader.read_u8().await? != b'c' {
+        return Err(ClientError::Protocol("missing c before the data".into()));
+    }
+    let data = read_data(
+        reader,
+        DataLimits {
+            max_bytes: usize::MAX,
+            max_attachments: usize::MAX,
+        },
+        STEP,
+    )
+    .await
+    .map_err(|e| match e {
+        ReadDataError::Io(e) => ClientError::Io(e),
+        other => ClientError::Protocol(other.to_string()),
+    })?;
+    Ok(Received {
+        sender,
+        id,
+        recipients,
+        data,
+    })
 }
