@@ -39,10 +39,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Session-stream address [default: 0.0.0.0:4710].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "CSM_SESSION_ADDR")]
     pub session_addr: Option<String>,
     /// Message-stream address [default: 0.0.0.0:4711].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "CSM_MESSAGE_ADDR")]
     pub message_addr: Option<String>,
     /// PEM certificate chain (with --key); without it a self-signed
     /// certificate is created in the data directory.
