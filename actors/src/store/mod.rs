@@ -8,6 +8,7 @@
 
 mod commit;
 mod directory;
+mod platter;
 mod sled_store;
 mod spool;
 

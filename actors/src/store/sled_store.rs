@@ -20,6 +20,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::platter::Platter;
 use super::spool::{Spool, SPOOL_FROM_BYTES};
 use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord};
 
@@ -36,6 +37,7 @@ pub struct SledStore {
     db: sled::Db,
     dir: std::path::PathBuf,
     spool: std::sync::Arc<Spool>,
+    platter: std::sync::Arc<Platter>,
     /// The first write error seen. sled 0.34.7 stays failed after one
     /// (every later call errors) until the database is opened again.
     failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -50,6 +52,7 @@ impl SledStore {
             db,
             dir: dir.to_owned(),
             spool: std::sync::Arc::new(Spool::open(dir.join("spool"))?),
+            platter: std::sync::Arc::new(Platter::open(dir)?),
             failure: Default::default(),
         };
         store.reconcile_spool()?;
@@ -71,10 +74,45 @@ impl SledStore {
             log::info!("removing {} unreferenced spool files", orphans.len());
             self.spool.unlink(&orphans);
         }
-        for seq in recorded.iter().filter(|seq| !files.contains(seq)) {
-            log::error!("message {seq} is recorded but its spool file {seq:016x} is missing");
+        let lost: Vec<u64> = recorded
+            .iter()
+            .copied()
+            .filter(|seq| !files.contains(seq))
+            .collect();
+        for seq in &lost {
+            self.drop_lost_message(*seq)?;
+        }
+        if !lost.is_empty() {
+            self.flush()?;
         }
         Ok(())
+    }
+
+    /// Removes a message whose spool file is gone (deleted or lost outside
+    /// csm) with all its mailbox entries: it can never be delivered, and
+    /// announcing it would have every receive of it fail for good.
+    fn drop_lost_message(&self, seq: u64) -> Result<(), StoreError> {
+        let header = self.message_header(seq)?;
+        let mut batch = sled::Batch::default();
+        batch.remove(seq_key(HEADER, seq));
+        batch.remove(seq_key(SPOOLED, seq));
+        match &header {
+            Some(header) => {
+                log::error!(
+                    "message {:?} from {} to {} is recorded but its data file {} is missing: \
+                     dropping its mailbox entries, it cannot be delivered",
+                    header.id,
+                    header.sender,
+                    header.recipients.join(", "),
+                    self.spool.path_of(seq).display()
+                );
+                for recipient in &header.recipients {
+                    batch.remove(mailbox_key(recipient, seq));
+                }
+            }
+            None => log::error!("message {seq} has a data record but no header: dropping it"),
+        }
+        self.watch(self.db.apply_batch(batch))
     }
 
     fn spooled_seqs(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
@@ -294,6 +332,12 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         let removed = self.spool.take_pending();
         self.watch(self.db.flush())?;
+        // sled's flush is not yet on the platter (see platter.rs); the
+        // removals it records must be before their files go.
+        // A failed fsync leaves the page cache's state unknown (the kernel
+        // may have dropped the dirty pages): treat it as sled's own write
+        // errors, a failed store.
+        self.watch(self.platter.sync().map_err(sled::Error::Io))?;
         self.spool.unlink(&removed);
         Ok(())
     }
@@ -408,6 +452,33 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn a_message_whose_data_file_is_gone_is_dropped_at_open_not_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![7u8; SPOOL_FROM_BYTES];
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .put_message(7, &header("big", &["bob", "carol"]), &big, &id_record(7))
+                .unwrap();
+            store
+                .put_message(8, &header("kept", &["bob"]), &big, &id_record(8))
+                .unwrap();
+            store.flush().unwrap();
+        }
+        std::fs::remove_file(dir.path().join("spool").join(format!("{:016x}", 7))).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let entries: Vec<(String, u64)> = store
+            .mailbox_entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.user, e.seq))
+            .collect();
+        assert_eq!(entries, [("bob".to_owned(), 8)]);
+        assert!(store.message_header(7).unwrap().is_none());
+        assert_eq!(store.message_data(8).unwrap().unwrap(), big);
     }
 
     #[test]

@@ -40,6 +40,11 @@ impl Spool {
         self.dir.join(format!("{seq:016x}"))
     }
 
+    /// Where the data of `seq` is (for messages about it).
+    pub fn path_of(&self, seq: u64) -> PathBuf {
+        self.path(seq)
+    }
+
     /// Writes the data of message `seq` and makes it durable. On failure
     /// (a full disk) nothing is left behind.
     pub fn write(&self, seq: u64, data: &[u8]) -> io::Result<()> {
