@@ -87,6 +87,8 @@ impl Services {
         if self.connections.load(Ordering::Acquire) >= self.limits.connections {
             return Err("connection limit reached");
         }
+        // An IPv6 host is limited by its /64, as the login throttle counts.
+        let addr = crate::throttle::address_block(addr);
         let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
         let open = per_address.entry(addr).or_default();
         if *open >= self.limits.connections_per_address {

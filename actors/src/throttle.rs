@@ -4,10 +4,15 @@
 //! address at all) are refused for a while with a reason that says so.
 //! Other addresses are never slowed, so an attacker cannot lock the real
 //! user out from elsewhere, and every lockout ends by itself. The tables
-//! are bounded; the oldest entries make room.
+//! are bounded; the oldest entries make room, and no entry holds more than
+//! a short key: a name longer than any username is kept as its start and a
+//! keyed hash. An IPv6 client is counted by its /64, the block one host or
+//! one customer usually holds, so that a host cannot step past its limit by
+//! changing the low bits of its address.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -61,10 +66,28 @@ struct Tables {
     by_address: HashMap<IpAddr, Failures>,
 }
 
+/// The address that limits and throttles count by: an IPv4 address (also
+/// one mapped into IPv6) as it is, an IPv6 address as its /64.
+pub fn address_block(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// Names up to this many bytes are kept as they are (every valid username
+/// is); longer ones as their start and a hash.
+const KEPT_NAME_BYTES: usize = crate::proto::names::MAX_USERNAME;
+
 /// Shared by both protocols.
 pub struct LoginThrottle {
     settings: ThrottleSettings,
     tables: Mutex<Tables>,
+    /// Keyed per process, so that no one can choose names that collide.
+    hasher: RandomState,
 }
 
 impl LoginThrottle {
@@ -72,7 +95,24 @@ impl LoginThrottle {
         LoginThrottle {
             settings,
             tables: Mutex::new(Tables::default()),
+            hasher: RandomState::new(),
         }
+    }
+
+    /// The table key of an attempt: at most about 100 bytes of name, and
+    /// the address block. A shortened name contains `…`, which no username
+    /// does, so it never stands for a real account.
+    fn key(&self, user: &str, addr: IpAddr) -> (String, IpAddr) {
+        let addr = address_block(addr);
+        if user.len() <= KEPT_NAME_BYTES {
+            return (user.to_owned(), addr);
+        }
+        let mut start = KEPT_NAME_BYTES / 2;
+        while !user.is_char_boundary(start) {
+            start -= 1;
+        }
+        let hash = self.hasher.hash_one(user);
+        (format!("{}…{hash:016x}", &user[..start]), addr)
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -88,13 +128,13 @@ impl LoginThrottle {
     /// Whether to check this attempt at all.
     pub fn gate(&self, user: &str, addr: IpAddr) -> Gate {
         let now = Instant::now();
+        let key = self.key(user, addr);
         let tables = self.tables();
-        if self.live(tables.by_address.get(&addr), now) >= self.settings.address_lockout {
+        if self.live(tables.by_address.get(&key.1), now) >= self.settings.address_lockout {
             return Gate::Refuse(
                 "too many failed logins from your address; try again later".into(),
             );
         }
-        let key = (user.to_owned(), addr);
         if self.live(tables.by_account.get(&key), now) >= self.settings.account_lockout {
             return Gate::Refuse(
                 "too many failed logins for this account from your address; try again later".into(),
@@ -107,6 +147,8 @@ impl LoginThrottle {
     pub fn failed(&self, user: &str, addr: IpAddr) -> Duration {
         let now = Instant::now();
         let window = self.settings.window;
+        let key = self.key(user, addr);
+        let block = key.1;
         let mut tables = self.tables();
         let bump = |entry: &mut Failures| {
             if now.duration_since(entry.last) >= window {
@@ -120,13 +162,8 @@ impl LoginThrottle {
             count: 0,
             last: now,
         };
-        let count = bump(
-            tables
-                .by_account
-                .entry((user.to_owned(), addr))
-                .or_insert(fresh),
-        );
-        bump(tables.by_address.entry(addr).or_insert(fresh));
+        let count = bump(tables.by_account.entry(key).or_insert(fresh));
+        bump(tables.by_address.entry(block).or_insert(fresh));
         let max = self.settings.max_entries;
         evict_oldest(&mut tables.by_account, max);
         evict_oldest(&mut tables.by_address, max);
@@ -141,7 +178,8 @@ impl LoginThrottle {
 
     /// A success clears that account's failures from that address.
     pub fn succeeded(&self, user: &str, addr: IpAddr) {
-        self.tables().by_account.remove(&(user.to_owned(), addr));
+        let key = self.key(user, addr);
+        self.tables().by_account.remove(&key);
     }
 }
 
@@ -212,6 +250,45 @@ mod tests {
         throttle.failed("bob", ip(1));
         throttle.succeeded("bob", ip(1));
         assert_eq!(throttle.failed("bob", ip(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn long_names_are_kept_short_and_still_throttled() {
+        let throttle = LoginThrottle::new(ThrottleSettings::default());
+        let long = "é".repeat(30_000);
+        let other = format!("{long}x");
+        for _ in 0..10 {
+            throttle.failed(&long, ip(1));
+        }
+        throttle.failed(&other, ip(1));
+        assert!(matches!(throttle.gate(&long, ip(1)), Gate::Refuse(_)));
+        assert_eq!(throttle.gate(&other, ip(1)), Gate::Allow, "its own entry");
+        let tables = throttle.tables();
+        assert_eq!(tables.by_account.len(), 2);
+        assert!(
+            tables.by_account.keys().all(|(name, _)| name.len() <= 100),
+            "no entry holds the whole name"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_counts_as_one_address() {
+        let throttle = LoginThrottle::new(ThrottleSettings::default());
+        let host = |low: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, low]);
+        for n in 0..50u16 {
+            throttle.failed(&format!("user{n}"), host(n + 1));
+        }
+        assert!(matches!(
+            throttle.gate("anyone", host(999)),
+            Gate::Refuse(_)
+        ));
+        let next_block = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert_eq!(throttle.gate("anyone", next_block), Gate::Allow);
+        assert_eq!(
+            address_block("::ffff:10.0.0.1".parse().unwrap()),
+            ip(1),
+            "IPv4 mapped into IPv6 is IPv4"
+        );
     }
 
     #[test]
