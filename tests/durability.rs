@@ -52,8 +52,9 @@ struct Call {
 fn parse_trace(text: &str) -> Vec<Call> {
     text.lines()
         .filter_map(|line| {
-            let mut fields = line.splitn(3, ' ');
-            let (_pid, at, call) = (fields.next()?, fields.next()?, fields.next()?);
+            // strace pads the pid column: split on runs of spaces.
+            let (_pid, rest) = line.trim_start().split_once(' ')?;
+            let (at, call) = rest.trim_start().split_once(' ')?;
             let (name, rest) = call.split_once('(')?;
             let path = rest.split_once('<')?.1.split_once('>')?.0;
             if !call.ends_with("= 0") {

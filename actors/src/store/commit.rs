@@ -3,6 +3,14 @@
 //! arrived, runs one flush, and answers them all. A burst of sends costs one
 //! flush, and flushes never run concurrently (sled 0.34.7 can deadlock on
 //! concurrent `flush_async`, sled #1308).
+//!
+//! A flush is two stages on two threads: the flusher writes a batch out to
+//! the operating system ([`Store::write_out`]) and hands it to the syncer,
+//! which makes it durable ([`Store::make_durable`], an fdatasync) and only
+//! then answers its writers. While one batch is being synced the next is
+//! gathered and written out, and the syncer covers every batch handed to
+//! it meanwhile with one sync: a sync always starts after the write-out of
+//! each batch it answers, so none is answered before it is durable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -12,7 +20,17 @@ use std::thread;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use super::Store;
+use super::{Store, WrittenOut};
+
+/// Batches written out and waiting for the syncer; past this the flusher
+/// waits, which keeps the writers waiting in the bounded request queue.
+const WRITTEN_WAITING: usize = 8;
+
+/// A written-out batch on its way to the syncer.
+struct Written {
+    result: Result<WrittenOut, CommitError>,
+    waiters: Vec<Waiter>,
+}
 
 /// Why a commit did not happen.
 #[derive(Debug, Clone, Error)]
@@ -58,9 +76,18 @@ impl GroupCommit {
         let (requests, incoming) = mpsc::sync_channel(max_waiting);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
+        let (written, to_sync) = mpsc::sync_channel(WRITTEN_WAITING);
+        let syncer_store = store.clone();
+        let syncer = thread::Builder::new()
+            .name("csm-syncer".into())
+            .spawn(move || sync_batches(syncer_store, to_sync))?;
         let thread = thread::Builder::new()
             .name("csm-flusher".into())
-            .spawn(move || run(store, incoming, thread_stats, window))?;
+            .spawn(move || {
+                run(store, incoming, written, thread_stats, window);
+                // The syncer ends once the flusher's sender is gone.
+                let _ = syncer.join();
+            })?;
         Ok((GroupCommit { requests, stats }, Flusher { thread }))
     }
 
@@ -103,33 +130,82 @@ impl Flusher {
 fn run(
     store: Arc<dyn Store>,
     incoming: Receiver<Waiter>,
+    written: SyncSender<Written>,
     stats: Arc<CommitStats>,
     window: std::time::Duration,
 ) {
     let mut busy = false;
     while let Ok(first) = incoming.recv() {
-        let mut batch = vec![first];
+        let mut waiters = vec![first];
         if busy && !window.is_zero() {
             thread::sleep(window);
         }
-        batch.extend(incoming.try_iter());
-        busy = batch.len() > 1;
+        waiters.extend(incoming.try_iter());
+        busy = waiters.len() > 1;
         let started = std::time::Instant::now();
-        let result = store.flush().map_err(|e| CommitError::Flush(e.to_string()));
+        let result = store
+            .write_out()
+            .map_err(|e| CommitError::Flush(e.to_string()));
         metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(crate::metrics::COMMIT_BATCH).record(batch.len() as f64);
-        if let Err(e) = &result {
-            log::error!("store flush failed for {} waiting writes: {e}", batch.len());
-        }
+        metrics::histogram!(crate::metrics::COMMIT_BATCH).record(waiters.len() as f64);
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats
             .commits
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for waiter in batch {
-            let _ = waiter.send(result.clone());
+            .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        if written.send(Written { result, waiters }).is_err() {
+            log::error!("the store's syncer is gone; commits fail");
+            return;
         }
     }
-    if let Err(e) = store.flush() {
-        log::error!("final store flush failed: {e}");
+    // The last batch: everything written before the handles went away.
+    let result = store
+        .write_out()
+        .map_err(|e| CommitError::Flush(e.to_string()));
+    let _ = written.send(Written {
+        result,
+        waiters: Vec::new(),
+    });
+}
+
+/// The second stage: one sync for every batch written out so far, then the
+/// answers.
+fn sync_batches(store: Arc<dyn Store>, to_sync: Receiver<Written>) {
+    while let Ok(first) = to_sync.recv() {
+        let mut batches = vec![first];
+        batches.extend(to_sync.try_iter());
+        let mut outs = Vec::with_capacity(batches.len());
+        let mut answers = Vec::with_capacity(batches.len());
+        for batch in batches {
+            match batch.result {
+                Ok(out) => {
+                    outs.push(out);
+                    answers.push((batch.waiters, None));
+                }
+                Err(e) => answers.push((batch.waiters, Some(e))),
+            }
+        }
+        let synced = if outs.is_empty() {
+            Ok(())
+        } else {
+            store
+                .make_durable(outs)
+                .map_err(|e| CommitError::Flush(e.to_string()))
+        };
+        for (waiters, failed) in answers {
+            let result = match (failed, &synced) {
+                (Some(e), _) => Err(e),
+                (None, Err(e)) => Err(e.clone()),
+                (None, Ok(())) => Ok(()),
+            };
+            if let Err(e) = &result {
+                log::error!(
+                    "store flush failed for {} waiting writes: {e}",
+                    waiters.len()
+                );
+            }
+            for waiter in waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
     }
 }

@@ -107,6 +107,14 @@ pub struct MailboxEntry {
     pub seq: u64,
 }
 
+/// What a [`Store::write_out`] leaves for its [`Store::make_durable`]: the
+/// spool files of messages whose removal it wrote, to unlink once that
+/// removal is durable.
+#[derive(Debug, Default)]
+pub struct WrittenOut {
+    removed_files: Vec<u64>,
+}
+
 /// The durable state of the server: users, messages, mailboxes, ids.
 /// Writes become durable only at [`Store::flush`].
 pub trait Store: Send + Sync + 'static {
@@ -146,7 +154,20 @@ pub trait Store: Send + Sync + 'static {
     fn remove_id(&self, id: &str) -> Result<(), StoreError>;
 
     /// Makes every write before it durable.
-    fn flush(&self) -> Result<(), StoreError>;
+    fn flush(&self) -> Result<(), StoreError> {
+        let written = self.write_out()?;
+        self.make_durable(vec![written])
+    }
+
+    /// The first half of [`Store::flush`]: hands every write before it to
+    /// the operating system. What it returns goes to
+    /// [`Store::make_durable`], which may run on another thread while the
+    /// next `write_out` runs.
+    fn write_out(&self) -> Result<WrittenOut, StoreError>;
+
+    /// The second half: makes what the given `write_out`s wrote durable,
+    /// with one sync for all of them, then does what had to wait for that.
+    fn make_durable(&self, written: Vec<WrittenOut>) -> Result<(), StoreError>;
 
     /// Bytes free for the store's growth on its filesystem, when known.
     fn free_space(&self) -> Option<u64> {

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::platter::Platter;
 use super::spool::{Spool, SPOOL_FROM_BYTES};
-use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord};
+use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord, WrittenOut};
 
 const USER: u8 = b'u';
 const HEADER: u8 = b'h';
@@ -329,16 +329,22 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
-        let removed = self.spool.take_pending();
+    fn write_out(&self) -> Result<WrittenOut, StoreError> {
+        let removed_files = self.spool.take_pending();
         self.watch(self.db.flush())?;
-        // sled's flush is not yet on the platter (see platter.rs); the
-        // removals it records must be before their files go.
-        // A failed fsync leaves the page cache's state unknown (the kernel
-        // may have dropped the dirty pages): treat it as sled's own write
-        // errors, a failed store.
+        Ok(WrittenOut { removed_files })
+    }
+
+    fn make_durable(&self, written: Vec<WrittenOut>) -> Result<(), StoreError> {
+        // sled's flush is not yet on the platter (see platter.rs). A failed
+        // fsync leaves the page cache's state unknown (the kernel may have
+        // dropped the dirty pages): treat it as sled's own write errors, a
+        // failed store.
         self.watch(self.platter.sync().map_err(sled::Error::Io))?;
-        self.spool.unlink(&removed);
+        // Only now are the removals durable, so their files may go.
+        for done in written {
+            self.spool.unlink(&done.removed_files);
+        }
         Ok(())
     }
 
