@@ -374,6 +374,43 @@ async fn the_mailbox_and_presence_actors_restart_after_a_panic() {
 }
 
 #[tokio::test]
+async fn a_message_written_as_the_mailbox_actor_panics_is_committed_and_announced_once() {
+    let server = TestServer::start();
+    let (_alice, mut bob) = pair_with_waiting(&server, "before").await;
+
+    // The message is written, then the actor panics before its commit: the
+    // restart drops the commit it waited for. The sender is told to try
+    // again; the message must neither be lost to bob's session nor be
+    // announced twice.
+    let id = csm_actors::FAILPOINT_STORED_THEN_PANIC;
+    match server.send("alice", id, &["bob"], &sample_data("y")).await {
+        Err(ClientError::Refused(e)) => {
+            assert!(
+                matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    match next(&mut bob).await {
+        Packet::MessageAvailable { id: got, from, .. } => {
+            assert_eq!((got.as_str(), from.as_str()), (id, "alice"))
+        }
+        other => panic!("expected the notice after the restart, got {other:?}"),
+    }
+    // The sender's retry is the same message: done, and no second notice.
+    server
+        .send("alice", id, &["bob"], &sample_data("y"))
+        .await
+        .unwrap();
+    assert_eq!(
+        server.receive("bob", id).await.unwrap().data,
+        sample_data("y")
+    );
+    still_serving(&server, &mut bob, "after-stored-panic").await;
+}
+
+#[tokio::test]
 async fn every_handler_of_the_central_actors_is_contained() {
     let server = TestServer::start();
     let (mut alice, mut bob) = pair_with_waiting(&server, "kept").await;

@@ -32,6 +32,11 @@ pub const FAILPOINT_MESSAGE_ID: &str = "failpoint:panic";
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_MAILBOX_ID: &str = "failpoint:mailbox-panic";
 
+/// Failpoint: a message with this id is written, and then the mailbox
+/// actor panics before it is committed.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_STORED_THEN_PANIC: &str = "failpoint:stored-then-panic";
+
 /// Failpoint: receiving the message with this id panics the mailbox actor.
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_FETCH_ID: &str = "failpoint:fetch-panic";

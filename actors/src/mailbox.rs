@@ -15,7 +15,7 @@ use actix::{
 };
 use bytes::Bytes;
 
-use crate::mailboxes::{internal, Mailboxes, Stored};
+use crate::mailboxes::{internal, Mailboxes, Stored, Uncommitted};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailboxStatsRequest, Purge, Remove,
     SessionId, Subscribe, Unsubscribe,
@@ -50,6 +50,9 @@ pub struct MailboxActor {
     mailboxes: Mailboxes,
     commit: GroupCommit,
     subscribers: HashMap<String, HashMap<SessionId, Outbound>>,
+    /// Entries found written but not committed when the actor restarted;
+    /// committed and announced once it has started again.
+    unannounced: Uncommitted,
 }
 
 impl MailboxActor {
@@ -58,6 +61,7 @@ impl MailboxActor {
             mailboxes,
             commit,
             subscribers: HashMap::new(),
+            unannounced: Vec::new(),
         }
     }
 
@@ -134,11 +138,17 @@ impl MailboxActor {
 }
 
 /// Restarted by its supervisor after a contained panic: the index is
-/// reloaded from the store, which holds the truth; subscriptions stay.
+/// reloaded from the store, which holds the truth; subscriptions stay. The
+/// restart drops the commits the actor was waiting for, so entries written
+/// but not yet committed are kept invisible and committed (then announced)
+/// again once it has started.
 impl actix::Supervised for MailboxActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        match self.mailboxes.reload() {
-            Ok(mailboxes) => self.mailboxes = mailboxes,
+        match self.mailboxes.reload_after_failure() {
+            Ok((mailboxes, unannounced)) => {
+                self.mailboxes = mailboxes;
+                self.unannounced = unannounced;
+            }
             Err(e) => log::error!("reloading the mailboxes after a restart failed: {e}"),
         }
     }
@@ -148,6 +158,24 @@ impl Actor for MailboxActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let unannounced = std::mem::take(&mut self.unannounced);
+        if !unannounced.is_empty() {
+            log::info!(
+                "committing {} messages written before the restart",
+                unannounced.len()
+            );
+            let announce = self.commit_then(move |actor| {
+                for (seq, recipients) in &unannounced {
+                    actor.announce(*seq, recipients);
+                }
+                Ok(())
+            });
+            ctx.spawn(announce.map(|result, _, _| {
+                if let Err(e) = result {
+                    log::error!("committing the messages written before the restart: {e}");
+                }
+            }));
+        }
         let (messages, bytes) = self.mailboxes.totals();
         log::info!("mailboxes loaded: {messages} messages, {bytes} bytes waiting");
         self.publish();

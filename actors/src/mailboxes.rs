@@ -83,6 +83,10 @@ pub fn queue_notices<'a>(
     }
 }
 
+/// Messages written but not committed, each with the recipients whose
+/// entries wait for the commit.
+pub type Uncommitted = Vec<(u64, Vec<String>)>;
+
 #[derive(Default)]
 struct UserBox {
     entries: BTreeMap<u64, Entry>,
@@ -196,6 +200,30 @@ impl Mailboxes {
         Mailboxes::load(self.store.clone(), self.settings.clone())
     }
 
+    /// A fresh index from the store after this one may have been left
+    /// half-changed by a panic. An entry this index did not hold as
+    /// committed (written, its commit still waiting) is not committed in
+    /// the new one either: it is returned, per message with its recipients,
+    /// to be committed and announced, so that it is neither received before
+    /// it is durable nor left unannounced.
+    pub fn reload_after_failure(&self) -> Result<(Mailboxes, Uncommitted), StoreError> {
+        let mut fresh = self.reload()?;
+        let mut waiting: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (user, bx) in &mut fresh.boxes {
+            let known = self.boxes.get(user);
+            for (seq, entry) in &mut bx.entries {
+                let was_committed = known
+                    .and_then(|old| old.entries.get(seq))
+                    .is_some_and(|old| old.committed);
+                if !was_committed {
+                    entry.committed = false;
+                    waiting.entry(*seq).or_default().push(user.clone());
+                }
+            }
+        }
+        Ok((fresh, waiting.into_iter().collect()))
+    }
+
     /// Messages and bytes waiting, in all mailboxes.
     pub fn totals(&self) -> (usize, u64) {
         self.total
@@ -294,6 +322,10 @@ impl Mailboxes {
             .map_err(internal)?;
         for recipient in &msg.recipients {
             self.insert_entry(recipient, seq, &header, false);
+        }
+        #[cfg(feature = "failpoints")]
+        if msg.id == crate::FAILPOINT_STORED_THEN_PANIC {
+            panic!("failpoint: mailbox actor panic after a write, before its commit");
         }
         Ok(Stored::New(seq))
     }
