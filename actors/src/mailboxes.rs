@@ -172,17 +172,17 @@ impl Mailboxes {
             total: (0, 0),
             disk_low: false,
         };
+        // Each header is read once and lent to all its entries: a message
+        // to a thousand recipients must not be copied a thousand times.
         let mut headers: HashMap<u64, Option<MessageHeader>> = HashMap::new();
         for entry in mailboxes.store.mailbox_entries()? {
-            let header = match headers.get(&entry.seq) {
-                Some(h) => h.clone(),
-                None => {
-                    let h = mailboxes.store.message_header(entry.seq)?;
-                    headers.insert(entry.seq, h.clone());
-                    h
+            let header = match headers.entry(entry.seq) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    new.insert(mailboxes.store.message_header(entry.seq)?)
                 }
             };
-            let Some(header) = header else {
+            let Some(header) = header.as_ref() else {
                 log::warn!(
                     "mailbox entry {}/{} has no message; skipped",
                     entry.user,
@@ -190,7 +190,7 @@ impl Mailboxes {
                 );
                 continue;
             };
-            mailboxes.insert_entry(&entry.user, entry.seq, &header, true);
+            mailboxes.insert_entry(&entry.user, entry.seq, header, true);
         }
         Ok(mailboxes)
     }
@@ -645,5 +645,48 @@ mod tests {
             mailboxes.store_message(&deliver("waiting", "bob")),
             Ok(Stored::Retry(_))
         ));
+    }
+    /// Start-up cost of broadcast messages: `cargo test --release -p
+    /// csm-actors --lib -- --ignored --nocapture loading_broadcasts`.
+    #[test]
+    #[ignore = "a benchmark, run by hand"]
+    fn loading_broadcasts() {
+        const USERS: usize = 1000;
+        const MESSAGES: u64 = 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let users: Vec<String> = (0..USERS).map(|i| format!("user{i:04}")).collect();
+        for user in &users {
+            store.add_user(user, &bob()).unwrap();
+        }
+        for seq in 1..=MESSAGES {
+            let header = MessageHeader {
+                id: format!("broadcast-{seq}"),
+                sender: "user0000".into(),
+                recipients: users.clone(),
+                size: 6,
+                stored_unix: 0,
+            };
+            let id = crate::store::IdRecord {
+                sender: "user0000".into(),
+                digest: vec![0; 32],
+                seq,
+                accepted_unix: 0,
+            };
+            store.put_message(seq, &header, &[0; 6], &id).unwrap();
+        }
+        store.flush().unwrap();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let loaded = Mailboxes::load(store.clone(), MailboxSettings::default()).unwrap();
+            times.push(started.elapsed());
+            assert_eq!(loaded.totals().0, USERS * MESSAGES as usize);
+        }
+        times.sort();
+        println!(
+            "load of {MESSAGES} messages to {USERS} recipients each: median {:?} (runs {times:?})",
+            times[2]
+        );
     }
 }
