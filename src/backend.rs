@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use actix::{Actor, Arbiter};
 use anyhow::{Context, Result};
-use csm_actors::auth::{AuthSettings, Authenticator};
+use csm_actors::auth::Authenticator;
 use csm_actors::cluster::{self, ClusterLink, Node, NodeTargets, PgDirectory, PgMail, PgSettings};
 use csm_actors::mailbox::MailboxActor;
 use csm_actors::mailbox_handle::MailboxHandle;
@@ -21,10 +21,6 @@ use csm_actors::store::{Directory, Flusher, GroupCommit, SledDirectory, SledStor
 
 use crate::config::{Backend, Config};
 use crate::serve::mailbox_settings;
-
-/// Most sends waiting for a commit at once; past it sends are answered
-/// `unavailable`.
-const MAX_WAITING_COMMITS: usize = 65_536;
 
 /// An open store with the actors that serve it.
 pub struct Opened {
@@ -89,20 +85,26 @@ impl Opened {
 
     fn open_sled(config: &Config) -> Result<Opened> {
         let store_dir = config.store_dir();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
-            format!(
-                "opening the store in {} (is another server using it?)",
-                store_dir.display()
-            )
-        })?);
+        let cache = config.limits.store_cache_bytes;
+        let store: Arc<dyn Store> = Arc::new(
+            SledStore::open_with_cache(&store_dir, cache).with_context(|| {
+                format!(
+                    "opening the store in {} (is another server using it?)",
+                    store_dir.display()
+                )
+            })?,
+        );
         let (commit, flusher) = GroupCommit::start(
             store.clone(),
-            MAX_WAITING_COMMITS,
+            config.limits.waiting_commits,
             config.timeouts.commit_window(),
         )
         .context("starting the flusher")?;
         let users: Arc<dyn Directory> = Arc::new(SledDirectory::new(store.clone(), commit.clone()));
-        let auth = Arc::new(Authenticator::new(users.clone(), AuthSettings::default())?);
+        let auth = Arc::new(Authenticator::new(
+            users.clone(),
+            config.limits.auth(&config.timeouts),
+        )?);
         let names = store.list_users()?;
         log::info!(
             "store opened in {}: {} users",
@@ -146,7 +148,10 @@ impl Opened {
             .await
             .context("reading the users from PostgreSQL")?;
         let users: Arc<dyn Directory> = Arc::new(directory);
-        let auth = Arc::new(Authenticator::new(users.clone(), AuthSettings::default())?);
+        let auth = Arc::new(Authenticator::new(
+            users.clone(),
+            config.limits.auth(&config.timeouts),
+        )?);
         log::info!(
             "PostgreSQL store opened at {}: {} users",
             cluster::redacted(&settings.url),
@@ -166,7 +171,7 @@ impl Opened {
             node.name().to_owned(),
             mailbox_settings(config),
             config.store.committers,
-            MAX_WAITING_COMMITS,
+            config.limits.waiting_commits,
         );
         let mailbox = SharedMailboxActor::new(mail).start();
         node.start(

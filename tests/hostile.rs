@@ -196,6 +196,40 @@ async fn tls_1_0_and_1_1_are_refused() {
 }
 
 #[tokio::test]
+async fn the_login_throttle_follows_its_settings() {
+    let server = TestServer::start_with(|config| {
+        config.limits.login_free_failures = 1;
+        config.limits.login_account_lockout = 2;
+        config.timeouts.login_delay_max_ms = 50;
+    });
+    server.add_user("alice", &password_of("alice"));
+    let login = |password: String| {
+        let server = &server;
+        async move {
+            match SessionClient::login(&server.connector, server.session_addr, "alice", &password)
+                .await
+            {
+                Err(ClientError::LoginRefused(reason)) => reason,
+                Err(e) => panic!("{e}"),
+                Ok(_) => "signed on".to_owned(),
+            }
+        }
+    };
+    for attempt in 0..2 {
+        assert_eq!(
+            login(format!("guess{attempt}")).await,
+            "unknown user or wrong password"
+        );
+    }
+    // Locked out after two failures, as configured (the default is ten):
+    // even the right password is refused from this address.
+    assert_eq!(
+        login(password_of("alice")).await,
+        "too many failed logins for this account from your address; try again later"
+    );
+}
+
+#[tokio::test]
 async fn guessing_a_password_is_slowed_then_refused_from_that_address() {
     let server = TestServer::start();
     server.add_user("alice", &password_of("alice"));

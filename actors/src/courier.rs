@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -23,11 +22,6 @@ use crate::services::{LoginOutcome, OwnedCountGuard, Services};
 
 /// The one answer for an unknown user and a wrong password.
 pub const AUTH_REFUSED: &str = "unknown user or wrong password";
-
-/// After an error, how long unread input is drained so that the close does
-/// not become a reset that hides the error line from the client.
-const LINGER: Duration = Duration::from_secs(2);
-const LINGER_BYTES: u64 = 32 * 1024 * 1024;
 
 /// How an exchange ended early.
 enum Fail {
@@ -106,9 +100,11 @@ where
             .await;
             let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
             let mut sink = tokio::io::sink();
-            let mut rest = (&mut reader).take(LINGER_BYTES);
+            // Unread input is drained (within limits) so that the close
+            // does not become a reset that hides the error line.
+            let mut rest = (&mut reader).take(services.limits.linger_bytes);
             let drain = tokio::io::copy(&mut rest, &mut sink);
-            let _ = tokio::time::timeout(LINGER, drain).await;
+            let _ = tokio::time::timeout(services.timeouts.linger(), drain).await;
             return;
         }
     }

@@ -15,7 +15,7 @@ use crate::presence::PresenceActor;
 use crate::proto::names::{valid_password, valid_username};
 use crate::settings::{Limits, Timeouts};
 use crate::store::Directory;
-use crate::throttle::{Gate, LoginThrottle, ThrottleSettings};
+use crate::throttle::{Gate, LoginThrottle};
 
 /// Shared by all connections of one server.
 pub struct Services {
@@ -61,6 +61,7 @@ impl Services {
             mailbox,
             shared_db,
         } = backing;
+        let throttle = LoginThrottle::new(limits.throttle(&timeouts));
         Services {
             limits,
             timeouts,
@@ -73,7 +74,7 @@ impl Services {
             exchanges: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             per_address: Default::default(),
-            throttle: LoginThrottle::new(ThrottleSettings::default()),
+            throttle,
         }
     }
 

@@ -43,6 +43,29 @@ pub struct Limits {
     /// less is answered `unavailable` before anything is written, so that
     /// receives, removals and the store itself keep working on a full disk.
     pub disk_reserve_bytes: u64,
+    /// Writes waiting for a group commit at once; past it a send is
+    /// answered `unavailable`.
+    pub waiting_commits: usize,
+    /// Memory sled may use for its page cache, in bytes.
+    pub store_cache_bytes: u64,
+    /// Failed logins of one account from one address before answers slow.
+    pub login_free_failures: u32,
+    /// Failed logins of one account from one address before it is locked
+    /// out (for `timeouts.login_lockout_secs`).
+    pub login_account_lockout: u32,
+    /// Failed logins from one address, any accounts, before the address is
+    /// locked out.
+    pub login_address_lockout: u32,
+    /// Entries each login-throttle table keeps; the oldest make room.
+    pub login_throttle_entries: usize,
+    /// Password checks (argon2) at once; 0 means one per core.
+    pub password_checks: usize,
+    /// Verified credentials remembered, so that a client's many message
+    /// streams do not each cost an argon2 run.
+    pub credential_cache_entries: usize,
+    /// After an error answer, unread input drained (at most this much) so
+    /// that the close does not become a reset that hides the error line.
+    pub linger_bytes: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +84,15 @@ impl Default for Limits {
             write_coalesce_bytes: 64 * 1024,
             presence_changes_per_sec: 20,
             disk_reserve_bytes: 64 << 20,
+            waiting_commits: 65_536,
+            store_cache_bytes: 256 << 20,
+            login_free_failures: 3,
+            login_account_lockout: 10,
+            login_address_lockout: 50,
+            login_throttle_entries: 100_000,
+            password_checks: 0,
+            credential_cache_entries: 100_000,
+            linger_bytes: 32 << 20,
         }
     }
 }
@@ -98,6 +130,15 @@ pub struct Timeouts {
     pub id_retention_secs: u64,
     /// Under load, microseconds the flusher gathers writers before a flush.
     pub commit_window_micros: u64,
+    /// How long failed logins are remembered, and a lockout lasts.
+    pub login_lockout_secs: u64,
+    /// Longest delay before answering a failed login, in milliseconds.
+    pub login_delay_max_ms: u64,
+    /// How long a login waits for a free password check before it is
+    /// answered "server busy".
+    pub password_check_wait_secs: u64,
+    /// After an error answer, how long unread input is drained.
+    pub linger_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -113,6 +154,10 @@ impl Default for Timeouts {
             keepalive_secs: 60,
             id_retention_secs: 24 * 3600,
             commit_window_micros: 1000,
+            login_lockout_secs: 15 * 60,
+            login_delay_max_ms: 4000,
+            password_check_wait_secs: 10,
+            linger_secs: 2,
         }
     }
 }
@@ -151,5 +196,35 @@ impl Timeouts {
     }
     pub fn commit_window(&self) -> Duration {
         Duration::from_micros(self.commit_window_micros)
+    }
+    pub fn linger(&self) -> Duration {
+        secs(self.linger_secs)
+    }
+}
+
+impl Limits {
+    /// The login throttle these settings describe.
+    pub fn throttle(&self, timeouts: &Timeouts) -> crate::throttle::ThrottleSettings {
+        crate::throttle::ThrottleSettings {
+            free_failures: self.login_free_failures,
+            account_lockout: self.login_account_lockout,
+            address_lockout: self.login_address_lockout,
+            window: secs(timeouts.login_lockout_secs),
+            max_delay: Duration::from_millis(timeouts.login_delay_max_ms),
+            max_entries: self.login_throttle_entries,
+        }
+    }
+
+    /// The authenticator these settings describe.
+    pub fn auth(&self, timeouts: &Timeouts) -> crate::auth::AuthSettings {
+        let defaults = crate::auth::AuthSettings::default();
+        crate::auth::AuthSettings {
+            parallel_hashes: match self.password_checks {
+                0 => defaults.parallel_hashes,
+                n => n,
+            },
+            queue_wait: secs(timeouts.password_check_wait_secs),
+            cache_entries: self.credential_cache_entries,
+        }
     }
 }

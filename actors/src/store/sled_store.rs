@@ -47,7 +47,15 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. Fails if another process
     /// holds it.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        SledStore::open_with_cache(dir, crate::settings::Limits::default().store_cache_bytes)
+    }
+
+    /// [`SledStore::open`] with sled's page cache held to `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()?;
         let store = SledStore {
             db,
             dir: dir.to_owned(),
