@@ -13,7 +13,6 @@ use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, MessageResult, ResponseActFuture,
     WrapFuture,
 };
-use bytes::Bytes;
 
 use crate::mailboxes::{internal, Mailboxes, Stored, Uncommitted};
 use crate::messages::{
@@ -22,7 +21,6 @@ use crate::messages::{
 };
 use crate::outbound::Outbound;
 use crate::proto::lines::{ErrorCode, StreamError};
-use crate::proto::Packet;
 use crate::store::{CommitError, GroupCommit};
 
 pub use crate::mailboxes::MailboxSettings;
@@ -71,14 +69,7 @@ impl MailboxActor {
         let Some((entry, newly)) = self.mailboxes.mark_committed(seq, recipients) else {
             return;
         };
-        let frame = Bytes::from(
-            Packet::MessageAvailable {
-                id: entry.id,
-                from: entry.from,
-                size: entry.size,
-            }
-            .to_frame(),
-        );
+        let frame = entry.notice();
         for recipient in newly {
             for outbound in self
                 .subscribers

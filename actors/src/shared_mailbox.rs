@@ -16,14 +16,13 @@ use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFu
 use bytes::Bytes;
 
 use crate::cluster::{MailHint, PgMail};
-use crate::mailboxes::{queue_notices, Entry, MailboxItem, MailboxStats};
+use crate::mailboxes::{notice_frame, queue_notices, Entry, MailboxItem, MailboxStats};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailNotice, MailboxStatsRequest,
     Purge, Remove, Rescan, SessionId, Subscribe, Unsubscribe,
 };
 use crate::outbound::Outbound;
 use crate::proto::lines::{ErrorCode, StreamError};
-use crate::proto::Packet;
 
 /// Past this many remembered notices a session's memory of them is
 /// cleared (at worst a later duplicate notice). Rescans keep it near
@@ -63,23 +62,6 @@ impl Subscriber {
     }
 }
 
-fn notice_frame(id: &str, from: &str, size: u64) -> Bytes {
-    Bytes::from(
-        Packet::MessageAvailable {
-            id: id.to_owned(),
-            from: from.to_owned(),
-            size,
-        }
-        .to_frame(),
-    )
-}
-
-fn entry_frame(entry: &Entry) -> Bytes {
-    let mut frame = Vec::new();
-    entry.write_notice(&mut frame);
-    Bytes::from(frame)
-}
-
 /// Owns this node's mailbox subscriptions; see the module doc.
 pub struct SharedMailboxActor {
     mail: PgMail,
@@ -114,7 +96,7 @@ impl SharedMailboxActor {
             return;
         };
         for (seq, entry) in waiting {
-            let frame = entry_frame(entry);
+            let frame = entry.notice();
             for subscriber in sessions.values_mut() {
                 subscriber.tell(*seq, &frame);
             }
