@@ -65,6 +65,14 @@ impl From<LineError> for ClientError {
 /// Largest frame the client accepts; the sign-on list of a big server is
 /// sent as many frames, each small.
 const CLIENT_FRAME_LIMIT: usize = 1 << 20;
+/// The largest message the client takes in: well over what a server
+/// accepts by default (16 MiB), so that any configured server's messages
+/// fit, but not so much that a broken or hostile server can exhaust the
+/// client's memory.
+pub const RECEIVE_LIMITS: DataLimits = DataLimits {
+    max_bytes: 1 << 30,
+    max_attachments: 1 << 16,
+};
 /// How long the client waits on any one step.
 const STEP: Duration = Duration::from_secs(30);
 
@@ -509,19 +517,12 @@ async fn read_received(reader: &mut BufReader<ReadHalf<Tls>>) -> Result<Received
     if reader.read_u8().await? != b'c' {
         return Err(ClientError::Protocol("missing c before the data".into()));
     }
-    let data = read_data(
-        reader,
-        DataLimits {
-            max_bytes: usize::MAX,
-            max_attachments: usize::MAX,
-        },
-        STEP,
-    )
-    .await
-    .map_err(|e| match e {
-        ReadDataError::Io(e) => ClientError::Io(e),
-        other => ClientError::Protocol(other.to_string()),
-    })?;
+    let data = read_data(reader, RECEIVE_LIMITS, STEP)
+        .await
+        .map_err(|e| match e {
+            ReadDataError::Io(e) => ClientError::Io(e),
+            other => ClientError::Protocol(other.to_string()),
+        })?;
     Ok(Received {
         sender,
         id,

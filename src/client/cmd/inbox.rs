@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use csm_actors::proto::data::{DataLimits, MessageData};
+use csm_actors::proto::data::MessageData;
 use csm_actors::proto::packet::Decoded;
 use csm_actors::proto::Packet;
 use serde_json::json;
@@ -160,14 +160,8 @@ pub async fn receive_one(
         })
         .await?;
     let message = receiving.take();
-    let data = MessageData::parse(
-        &message.data,
-        DataLimits {
-            max_bytes: usize::MAX,
-            max_attachments: usize::MAX,
-        },
-    )
-    .map_err(|e| format!("the message data cannot be read: {e}; it stays in the mailbox"))?;
+    let data = MessageData::parse(&message.data, crate::client::RECEIVE_LIMITS)
+        .map_err(|e| format!("the message data cannot be read: {e}; it stays in the mailbox"))?;
     let kept = match keep {
         Keep::Save(dir) => Kept::Saved(
             save_message(dir, &message.sender, &message.recipients, id, &data).map_err(|e| {

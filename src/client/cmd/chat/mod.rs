@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use csm_actors::proto::data::{DataLimits, MessageData};
+use csm_actors::proto::data::MessageData;
 use csm_actors::proto::packet::Decoded;
 use csm_actors::proto::Packet;
 use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
@@ -244,10 +244,7 @@ async fn receive(
         .await
         .map_err(|e| format!("message {id}: {e}"))?;
     let message = receiving.take();
-    let limits = DataLimits {
-        max_bytes: usize::MAX,
-        max_attachments: usize::MAX,
-    };
+    let limits = crate::client::RECEIVE_LIMITS;
     let data = MessageData::parse(&message.data, limits)
         .map_err(|e| format!("message {id} cannot be read ({e}); it stays in your mailbox"))?;
     let mut text = data.text();
