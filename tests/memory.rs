@@ -4,9 +4,12 @@
 //! set is reset, then rounds of attacks run against it, each round holding
 //! 500 silent connections while it floods: a 0x7FFFFFFF frame prefix and
 //! 100 MB after it, a 100 MB header line without a newline, and a message
-//! claiming a 2 GiB attachment followed by 100 MB. The peak over all
-//! rounds must stay within a bound far below what buffering any flood
-//! would take, and the server must serve normal users throughout.
+//! claiming a 2 GiB attachment followed by 100 MB, a connection that
+//! trickles one byte at a time, and a receiver that never reads the 1 MiB
+//! message it asked for. The peak over all rounds must stay within 30 MiB
+//! of the baseline (buffering any one flood would take 95 MiB), the server
+//! must serve normal users throughout, and once the attackers are gone the
+//! resident set must be back near the baseline.
 
 mod common;
 
@@ -22,7 +25,10 @@ use tokio::net::TcpStream;
 const FLOOD: usize = 100_000_000;
 const ROUNDS: usize = 3;
 /// Most the peak resident set may grow over the warmed-up baseline.
-const GROWTH_BOUND: u64 = 48 << 20;
+const GROWTH_BOUND: u64 = 30 << 20;
+/// Most the resident set may stay above the baseline once every attacker
+/// is gone.
+const AFTER_BOUND: u64 = 12 << 20;
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -180,6 +186,52 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
             "a 2 GiB attachment was read on ({taken} bytes)"
         );
 
+        // One byte every 100 ms on a session frame and on a header line.
+        let mut tricklers = Vec::new();
+        for addr in [server.session, server.message] {
+            let connector = connector.clone();
+            tricklers.push(tokio::spawn(async move {
+                let Ok(mut stream) = connector.connect(addr).await else {
+                    return;
+                };
+                for _ in 0..20 {
+                    if stream.write_all(b"m").await.is_err() || stream.flush().await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        }
+
+        // A receiver that asks for 1 MiB and never reads it.
+        let id = format!("unread-{round}");
+        let recipients = vec!["mallory".to_string()];
+        let pw = password_of("alice");
+        csm::client::send_message(
+            &connector,
+            server.message,
+            &csm::client::Outgoing {
+                username: "alice",
+                password: &pw,
+                id: &id,
+                recipients: &recipients,
+                data: &big,
+            },
+        )
+        .await
+        .unwrap();
+        let tcp = TcpStream::connect(server.message).await.unwrap();
+        let mut never_reads = connector.handshake(tcp).await.unwrap();
+        let request = csm_actors::proto::lines::Header {
+            username: "mallory".into(),
+            password: password_of("mallory"),
+            message_id: id.clone(),
+            action: csm_actors::proto::lines::Action::Receive,
+        }
+        .to_lines();
+        never_reads.write_all(&request).await.unwrap();
+        never_reads.flush().await.unwrap();
+
         still_serving(
             &connector,
             server.message,
@@ -188,6 +240,10 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
             &sample_data("between floods"),
         )
         .await;
+        for trickler in tricklers {
+            let _ = trickler.await;
+        }
+        drop(never_reads);
         drop(silent);
         let peak = status_kib(pid, "VmHWM:") << 10;
         assert!(server_alive(pid));
@@ -202,6 +258,18 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
             "round {round}: peak resident set {peak} bytes over a baseline of {baseline}"
         );
     }
+    // The attackers are gone: the resident set comes back near the start.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = status_kib(pid, "VmRSS:") << 10;
+    eprintln!(
+        "after: baseline {} KiB, now {} KiB",
+        baseline >> 10,
+        after >> 10
+    );
+    assert!(
+        after <= baseline + AFTER_BOUND,
+        "resident set {after} bytes after the attacks, baseline {baseline}"
+    );
     server.kill();
 }
 
