@@ -130,6 +130,46 @@ async fn online_recipient_hears_message_available() {
     }
 }
 
+/// The notice is on its way to the recipient before the sender reads
+/// `done`: on loopback the server's write lands in the peer's receive
+/// buffer at once, so right after each `done` bob's socket must already
+/// hold bytes (it held none before the send).
+#[tokio::test]
+async fn message_available_is_written_before_the_senders_done() {
+    use std::os::fd::AsRawFd;
+    let server = start();
+    users(&server, &["alice", "bob"]);
+    let tcp = tokio::net::TcpStream::connect(server.session_addr)
+        .await
+        .unwrap();
+    let bob_fd = tcp.as_raw_fd();
+    let tls = server.connector.handshake(tcp).await.unwrap();
+    let mut bob = csm::client::SessionClient::over(tls)
+        .sign_on("bob", &password_of("bob"))
+        .await
+        .unwrap();
+    read_sign_on(&mut bob, 1, 0).await;
+    let pending = || {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; bob's socket is open here.
+        assert_eq!(unsafe { libc::ioctl(bob_fd, libc::FIONREAD, &mut bytes) }, 0);
+        bytes
+    };
+    for n in 0..20 {
+        let id = format!("ordered-{n}");
+        assert_eq!(pending(), 0, "nothing waits before send {n}");
+        server.send("alice", &id, &["bob"], &sample_data("x")).await.unwrap();
+        assert!(
+            pending() > 0,
+            "after the done of {id}, bob's notice is not yet in his socket"
+        );
+        match next(&mut bob).await {
+            Packet::MessageAvailable { id: got, .. } => assert_eq!(got, id),
+            other => panic!("expected the notice of {id}, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn several_recipients_each_get_their_copy() {
     let server = start();
