@@ -8,7 +8,8 @@
 //! under `blobs/` with no sync at all. So every flush of the store is
 //! followed by `fdatasync` of the log, `fdatasync` of each blob file not
 //! synced before and `fsync` of the blob directory when one is new; only
-//! then is a commit answered.
+//! then is a commit answered. At open, sled's `conf` file (which it never
+//! syncs) and the store directory are synced once.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -28,6 +29,13 @@ impl Platter {
     /// directory itself, so the files sled created in it stay.
     pub fn open(dir: &Path) -> io::Result<Platter> {
         let log = File::open(dir.join("db"))?;
+        // sled writes its `conf` (segment size, version) at creation and
+        // never syncs it.
+        match File::open(dir.join("conf")) {
+            Ok(conf) => conf.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         File::open(dir)?.sync_all()?;
         let platter = Platter {
             log,
