@@ -395,7 +395,12 @@ async fn send_tries_again_with_the_same_id_until_done() {
         .stderr(Stdio::piped());
     let child = send.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    let mut server = serve_on(dir.path(), session, message);
+    let mut server = serve_at(
+        Command::new(env!("CARGO_BIN_EXE_csm")),
+        dir.path(),
+        session,
+        message,
+    );
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{output:?}");
     assert_eq!(text(&output.stdout), "retry-1\n");
@@ -407,69 +412,29 @@ async fn send_tries_again_with_the_same_id_until_done() {
     );
 
     // The same id again is the same message: done, and one copy.
-    let again = run({
+    let as_user = |user: &str, args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_csm"));
         c.arg("client")
             .arg("--data-dir")
             .arg(dir.path())
-            .args([
-                "--server",
-                "127.0.0.1",
-                "--session-port",
-                &session.port().to_string(),
-            ])
+            .args(["--server", "127.0.0.1"])
+            .args(["--session-port", &session.port().to_string()])
             .args(["--message-port", &message.port().to_string()])
-            .env("CSM_PASSWORD", password_of("alice"))
-            .args([
-                "send", "alice", "--to", "bob", "--text", "late", "--id", "retry-1",
-            ]);
-        c
-    });
+            .env("CSM_PASSWORD", password_of(user))
+            .args(args);
+        run(c)
+    };
+    let again = as_user(
+        "alice",
+        &[
+            "send", "alice", "--to", "bob", "--text", "late", "--id", "retry-1",
+        ],
+    );
     assert!(again.status.success(), "{again:?}");
-    let inbox = run({
-        let mut c = Command::new(env!("CARGO_BIN_EXE_csm"));
-        c.arg("client")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args([
-                "--server",
-                "127.0.0.1",
-                "--session-port",
-                &session.port().to_string(),
-            ])
-            .args(["--message-port", &message.port().to_string()])
-            .env("CSM_PASSWORD", password_of("bob"))
-            .args(["inbox", "bob", "--json"]);
-        c
-    });
+    let inbox = as_user("bob", &["inbox", "bob", "--json"]);
     assert_eq!(text(&inbox.stdout).lines().count(), 1, "{inbox:?}");
     let _ = server.kill();
     let _ = server.wait();
-}
-
-/// `csm serve` on `dir` at the given addresses, once its admin socket
-/// answers.
-fn serve_on(dir: &Path, session: std::net::SocketAddr, message: std::net::SocketAddr) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_csm"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--session-addr", &session.to_string()])
-        .args(["--message-addr", &message.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 #[actix_rt::test]

@@ -7,9 +7,10 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use csm::client::{receive_message, send_message, Connector, Outgoing};
@@ -69,8 +70,9 @@ fn parse_trace(text: &str) -> Vec<Call> {
         .collect()
 }
 
-fn serve_traced(dir: &Path, trace: &Path, session: &str, message: &str) -> Child {
-    let child = Command::new("strace")
+fn serve_traced(dir: &Path, trace: &Path, session: SocketAddr, message: SocketAddr) -> Child {
+    let mut strace = Command::new("strace");
+    strace
         .args([
             "-f",
             "-y",
@@ -80,24 +82,8 @@ fn serve_traced(dir: &Path, trace: &Path, session: &str, message: &str) -> Child
             "-o",
         ])
         .arg(trace)
-        .arg(env!("CARGO_BIN_EXE_csm"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--session-addr", session, "--message-addr", message])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("strace");
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+        .arg(env!("CARGO_BIN_EXE_csm"));
+    serve_at(strace, dir, session, message)
 }
 
 #[actix_rt::test]
@@ -109,7 +95,7 @@ async fn every_done_rests_on_an_fsync_of_what_holds_it() {
     let dir = temp.path().join("data");
     let trace = temp.path().join("trace.txt");
     let (session, message) = (free_addr(), free_addr());
-    let mut server = serve_traced(&dir, &trace, &session.to_string(), &message.to_string());
+    let mut server = serve_traced(&dir, &trace, session, message);
     for user in ["alice", "bob"] {
         let request = csm::admin::protocol::Request::UserAdd {
             name: user.into(),

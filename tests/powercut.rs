@@ -11,8 +11,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use csm::client::{receive_message, send_message, Connector, Outgoing, SessionClient};
@@ -98,27 +98,12 @@ async fn a_power_cut_right_after_done_loses_nothing_acknowledged() {
     std::fs::create_dir_all(&data).unwrap();
     let shim = build_shim(&root);
     let (session, message_addr) = (free_addr(), free_addr());
-    let mut server = Command::new(env!("CARGO_BIN_EXE_csm"))
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--session-addr", &session.to_string()])
-        .args(["--message-addr", &message_addr.to_string()])
+    let mut preloaded = Command::new(env!("CARGO_BIN_EXE_csm"));
+    preloaded
         .env("LD_PRELOAD", &shim)
         .env("CSM_SHADOW_ROOT", &data)
-        .env("CSM_SHADOW_DIR", &shadow)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(data.join("admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .env("CSM_SHADOW_DIR", &shadow);
+    let mut server = serve_at(preloaded, &data, session, message_addr);
     // Through the live server, so that its syncs cover the users too.
     for user in ["alice", "bob"] {
         let request = csm::admin::protocol::Request::UserAdd {

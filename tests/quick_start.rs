@@ -9,12 +9,11 @@ mod pty;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{free_addr, WAIT};
+use common::{free_addr, wait_for_admin_socket, WAIT};
 
 /// Every command line of the quick start's `sh` blocks, in order.
 fn quick_start_steps() -> Vec<String> {
@@ -108,17 +107,6 @@ fn expect_line(lines: &mpsc::Receiver<String>, part: &str) -> String {
     }
 }
 
-fn wait_for_socket(dir: &Path) {
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(dir.join("csm-data/admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn every_step_of_the_readme_quick_start_works() {
     let steps = quick_start_steps();
@@ -142,7 +130,7 @@ fn every_step_of_the_readme_quick_start_works() {
             let mut command = shell.command(step);
             command.stdout(Stdio::null()).stderr(Stdio::null());
             background.spawn(command);
-            wait_for_socket(shell.dir.path());
+            wait_for_admin_socket(&shell.dir.path().join("csm-data"));
         } else if step.contains(" client watch ") {
             kinds.push("watch");
             let mut command = shell.command(step);

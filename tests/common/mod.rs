@@ -479,19 +479,48 @@ pub fn start_binary_with(dir: &Path, args: &[&std::ffi::OsStr]) -> BinaryServer 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_admin_socket(dir);
     BinaryServer {
         child,
         session,
         message,
     }
+}
+
+/// Waits until the admin socket of a server on `dir` answers (a killed
+/// server leaves its socket file behind, so existence is not enough).
+pub fn wait_for_admin_socket(dir: &Path) {
+    let started = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Appends `serve` on `dir` at the given addresses to `command` (the
+/// binary, or a wrapper such as strace with the binary after it), starts
+/// it, and returns once its admin socket answers.
+pub fn serve_at(
+    mut command: std::process::Command,
+    dir: &Path,
+    session: SocketAddr,
+    message: SocketAddr,
+) -> std::process::Child {
+    let child = command
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--session-addr", &session.to_string()])
+        .args(["--message-addr", &message.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start csm serve");
+    wait_for_admin_socket(dir);
+    child
 }
 
 impl BinaryServer {
