@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -170,50 +169,47 @@ pub fn run(args: ClientArgs) -> ExitCode {
 
 async fn dispatch(args: ClientArgs) -> Result<(), String> {
     let server = Server::resolve(&args.server).await?;
-    let password = |user: &str| password(&args.server, user);
+    let user = args.command.user();
+    let account = Account::new(user, password(&args.server, user)?)?;
     match args.command {
-        ClientCommand::Watch {
-            user,
-            json,
-            receive,
-        } => {
-            let account = Account::new(&user, password(&user)?)?;
+        ClientCommand::Watch { json, receive, .. } => {
             watch::run(&server, &account, json, receive).await
         }
         ClientCommand::Send {
-            user,
             to,
             text,
             text_file,
             attach,
             id,
             retries,
+            ..
         } => {
             let message = send::compose(text, text_file, &attach, args.server.password_stdin)?;
-            let account = Account::new(&user, password(&user)?)?;
             send::run(&server, &account, &to, &message, id, retries).await
         }
-        ClientCommand::Inbox { user, json, wait } => {
-            let account = Account::new(&user, password(&user)?)?;
-            inbox::list(&server, &account, json, wait).await
-        }
+        ClientCommand::Inbox { json, wait, .. } => inbox::list(&server, &account, json, wait).await,
         ClientCommand::Receive {
-            user,
             id,
             save,
             json,
             wait,
-        } => {
-            let account = Account::new(&user, password(&user)?)?;
-            inbox::receive(&server, &account, id, save, json, wait).await
-        }
+            ..
+        } => inbox::receive(&server, &account, id, save, json, wait).await,
         ClientCommand::Chat {
-            user,
-            idle_after,
-            save,
-        } => {
-            let account = Account::new(&user, password(&user)?)?;
-            chat::run(server, account, idle_after, save).await
+            idle_after, save, ..
+        } => chat::run(server, account, idle_after, save).await,
+    }
+}
+
+impl ClientCommand {
+    /// The user every subcommand signs on as.
+    fn user(&self) -> &str {
+        match self {
+            ClientCommand::Watch { user, .. }
+            | ClientCommand::Send { user, .. }
+            | ClientCommand::Inbox { user, .. }
+            | ClientCommand::Receive { user, .. }
+            | ClientCommand::Chat { user, .. } => user,
         }
     }
 }
@@ -419,12 +415,3 @@ fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
-
-/// Whether the connection failed because TLS refused the peer (trying again
-/// will not help).
-fn is_tls_refusal(e: &io::Error) -> bool {
-    tls_error(e).is_some()
-}
-
-/// A shared handle, for the chat's tasks.
-pub type SharedServer = Arc<Server>;

@@ -131,7 +131,7 @@ pub async fn deliver(
 fn worth_retrying(error: &ClientError) -> bool {
     match error {
         // A certificate that does not match will not match next time.
-        ClientError::Io(e) => !super::is_tls_refusal(e),
+        ClientError::Io(e) => super::tls_error(e).is_none(),
         ClientError::Timeout(_) => true,
         ClientError::Refused(refusal) => refusal.code == ErrorCode::Unavailable,
         ClientError::LoginRefused(_) | ClientError::Protocol(_) => false,

@@ -19,7 +19,7 @@ use csm_actors::proto::data::MessageData;
 use csm_actors::proto::packet::Decoded;
 use csm_actors::proto::Packet;
 use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::events::{Event, Events};
 use super::inbox::save_message;
@@ -34,6 +34,9 @@ const INPUT_QUEUE: usize = 256;
 const TICK: Duration = Duration::from_secs(1);
 /// Tries of a send, with the same id, before it is shown as failed.
 const SEND_RETRIES: u32 = 3;
+/// Message streams receiving at once; a sign-on list of thousands of
+/// messages waits its turn instead of opening thousands of connections.
+const RECEIVES_AT_ONCE: usize = 4;
 
 /// What the loop hears.
 enum Input {
@@ -66,6 +69,7 @@ pub async fn run(
     let (reader, mut writer) = session.split();
     let server = Arc::new(server);
     let (inputs, mut queue) = mpsc::channel(INPUT_QUEUE);
+    let receives = Arc::new(Semaphore::new(RECEIVES_AT_ONCE));
     tokio::spawn(read_session(reader, inputs.clone()));
     let keys_stop = Arc::new(AtomicBool::new(false));
     read_keys(inputs.clone(), keys_stop.clone());
@@ -117,7 +121,14 @@ pub async fn run(
                 for event in events.feed(packet) {
                     chat.apply(&event, Instant::now());
                     if let Event::MessageAvailable { id, .. } = event {
-                        spawn_receive(&server, &account, id, save.clone(), inputs.clone());
+                        spawn_receive(
+                            &server,
+                            &account,
+                            id,
+                            save.clone(),
+                            &receives,
+                            inputs.clone(),
+                        );
                     }
                 }
             }
@@ -217,10 +228,14 @@ fn spawn_receive(
     account: &Account,
     id: String,
     save: Option<PathBuf>,
+    receives: &Arc<Semaphore>,
     inputs: mpsc::Sender<Input>,
 ) {
-    let (server, account) = (server.clone(), account.clone());
+    let (server, account, receives) = (server.clone(), account.clone(), receives.clone());
     tokio::spawn(async move {
+        let Ok(_turn) = receives.acquire().await else {
+            return;
+        };
         if let Err(notice) = receive(&server, &account, &id, save, &inputs).await {
             let _ = inputs.send(Input::Notice(notice)).await;
         }
