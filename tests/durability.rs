@@ -50,24 +50,53 @@ struct Call {
 }
 
 /// Lines like `123 1796234166.689567 fdatasync(12</tmp/x/store/db>) = 0`.
+/// With several threads, strace splits a call into `fsync(12</x>
+/// <unfinished ...>` and, later, `<... fsync resumed>) = 0` on the same
+/// pid: the call is taken at its start, with the path of its first half.
 fn parse_trace(text: &str) -> Vec<Call> {
-    text.lines()
-        .filter_map(|line| {
-            // strace pads the pid column: split on runs of spaces.
-            let (_pid, rest) = line.trim_start().split_once(' ')?;
-            let (at, call) = rest.trim_start().split_once(' ')?;
-            let (name, rest) = call.split_once('(')?;
-            let path = rest.split_once('<')?.1.split_once('>')?.0;
-            if !call.ends_with("= 0") {
-                return None;
+    let mut unfinished: std::collections::HashMap<String, Call> = Default::default();
+    let mut calls = Vec::new();
+    for line in text.lines() {
+        // strace pads the pid column: split on runs of spaces.
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((at, call)) = rest.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Ok(at) = at.parse::<f64>() else {
+            continue;
+        };
+        if call.starts_with("<... ") {
+            if let Some(started) = unfinished.remove(pid) {
+                if call.ends_with("= 0") {
+                    calls.push(started);
+                }
             }
-            Some(Call {
-                at: at.parse().ok()?,
-                name: name.to_owned(),
-                path: path.to_owned(),
-            })
-        })
-        .collect()
+            continue;
+        }
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let Some(path) = args
+            .split_once('<')
+            .and_then(|(_, p)| p.split_once('>'))
+            .map(|(p, _)| p.to_owned())
+        else {
+            continue;
+        };
+        let parsed = Call {
+            at,
+            name: name.to_owned(),
+            path,
+        };
+        if call.ends_with("<unfinished ...>") {
+            unfinished.insert(pid.to_owned(), parsed);
+        } else if call.ends_with("= 0") {
+            calls.push(parsed);
+        }
+    }
+    calls
 }
 
 fn serve_traced(dir: &Path, trace: &Path, session: SocketAddr, message: SocketAddr) -> Child {
