@@ -125,7 +125,11 @@ pub async fn run(
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
     if let Some(store) = backend.sled_store() {
-        actix_rt::spawn(exit_on_store_failure(store));
+        let restart_free = match config.limits.disk_reserve_bytes {
+            0 => RESTART_FREE_BYTES,
+            reserve => reserve,
+        };
+        actix_rt::spawn(restart_after_store_failure(store, restart_free));
     }
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
@@ -208,19 +212,47 @@ async fn reload_on_sighup(
     }
 }
 
-/// A store that failed a write (a full disk, an I/O error) cannot go on in
-/// this process (sled stays failed until reopened), so the server exits
-/// with status 1 and its service manager starts it again on a fresh store
-/// handle. Everything acknowledged is already on disk, which is what makes
-/// exiting safe; a send that failed was answered with an error, not `done`.
-async fn exit_on_store_failure(store: Arc<dyn Store>) {
-    loop {
+/// Free bytes at which a server whose store failed for want of space
+/// restarts, when the disk reserve is off.
+const RESTART_FREE_BYTES: u64 = 16 << 20;
+
+/// A store that failed a write (a full disk, an I/O error) takes no more
+/// writes in this process: sled 0.34.7 can neither flush nor close after
+/// one, so it cannot be reopened in place. The server goes on serving what
+/// needs no write (sign-ons, presence, the waiting lists, reading messages)
+/// and answers sends `unavailable`, and once the filesystem has
+/// `restart_free` bytes free again it exits with status 1 for its service
+/// manager to start it on a fresh store handle. Everything acknowledged is
+/// on disk, which is what makes exiting safe; a send that failed was
+/// answered with an error, not `done`.
+async fn restart_after_store_failure(store: Arc<dyn Store>, restart_free: u64) {
+    let reason = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Some(error) = store.failed() {
-            log::error!("the store failed ({error}); exiting with status 1 so that the service manager restarts csm");
-            notify_systemd(&[sd_notify::NotifyState::Stopping]);
-            std::process::exit(1);
+        if let Some(reason) = store.failed() {
+            break reason;
         }
+    };
+    log::error!(
+        "the store failed a write ({reason}): sends are refused, sign-ons and receives go on; \
+         the server exits with status 1 for its service manager to restart it once \
+         {restart_free} bytes are free"
+    );
+    notify_systemd(&[sd_notify::NotifyState::Status(&format!(
+        "store failed: {reason}; waiting for {restart_free} bytes free"
+    ))]);
+    loop {
+        match store.free_space() {
+            Some(free) if free < restart_free => {}
+            free => {
+                log::error!(
+                    "{} bytes free: exiting with status 1 so that the service manager restarts csm",
+                    free.map_or("unknown".to_owned(), |f| f.to_string())
+                );
+                notify_systemd(&[sd_notify::NotifyState::Stopping]);
+                std::process::exit(1);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

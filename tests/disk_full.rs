@@ -3,10 +3,12 @@
 //! `unavailable` before anything is written, the server keeps serving
 //! sign-ons, receives and removals, and takes sends again as soon as space
 //! returns, all in the same process. With the reserve off, the write itself
-//! fails: the send is answered `internal`, never `done`, and the server
-//! exits with status 1 for its service manager to restart it, with
-//! everything acknowledged kept. Needs root to mount; where that is not
-//! allowed the tests say so and do nothing.
+//! fails: the send is answered `unavailable`, never `done`; the server goes
+//! on with sign-ons and receives while sends stay refused, and once space
+//! is back it exits with status 1 for its service manager to restart it
+//! (sled 0.34.7 cannot be reopened in place), with everything acknowledged
+//! kept. Needs root to mount; where that is not allowed the tests say so
+//! and do nothing.
 
 mod common;
 
@@ -275,7 +277,8 @@ async fn a_full_disk_refuses_sends_keeps_receiving_and_recovers_in_place() {
 }
 
 #[tokio::test]
-async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
+async fn without_the_reserve_a_failed_write_refuses_sends_serves_on_and_restarts_when_space_returns(
+) {
     let Some(disk) = SmallDisk::new(0) else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
         return;
@@ -286,11 +289,11 @@ async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
     let first = sample_data("before the disk filled");
     send(&connector, addr, "first", &first).await.unwrap();
 
-    // Large data goes to a file of its own; a file that does not fit is an
-    // error for that send only, and the server goes on.
+    // Large data goes to a file of its own; a file that does not fit is
+    // refused for that send only, and the server goes on.
     let (filled, error) = fill(&connector, addr).await;
     eprintln!("disk full after {filled} messages of 1 MiB: {error}");
-    assert_eq!(error.code.as_str(), "internal", "{error}");
+    assert_eq!(error.code.as_str(), "unavailable", "{error}");
     assert!(error.text.contains("No space left"), "{error}");
     let mut child = server.child;
     assert!(
@@ -302,10 +305,8 @@ async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
         big(0)
     );
 
-    // Small data goes into the database, which cannot go on after a failed
-    // write (sled 0.34.7 stays failed until reopened): the send is refused
-    // and the server exits with status 1 for its service manager
-    // (systemd's Restart=on-failure) to start it again.
+    // Small data goes into the database, which takes no more writes after
+    // a failed one (sled 0.34.7 stays failed until reopened).
     let mut small_sends = 0;
     let small_refused = loop {
         let data = small(small_sends);
@@ -317,7 +318,57 @@ async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
         assert!(small_sends < 10_000, "small sends never failed");
     };
     eprintln!("database full after {small_sends} more sends of 16 KiB: {small_refused}");
-    assert_eq!(small_refused.code.as_str(), "internal", "{small_refused}");
+    assert_eq!(
+        small_refused.code.as_str(),
+        "unavailable",
+        "{small_refused}"
+    );
+
+    // The server serves on: sends are refused with the reason, sign-ons
+    // list every acknowledged message, and messages can be read.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server serves on while the disk is full"
+    );
+    match send(&connector, addr, "while-failed", &small(0)).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code.as_str(), "unavailable", "{e}");
+            assert!(e.text.contains("the store failed a write"), "{e}");
+        }
+        other => panic!("sends are refused while the store is failed: {other:?}"),
+    }
+    let mut bob =
+        csm::client::SessionClient::login(&connector, server.session, "bob", &password_of("bob"))
+            .await
+            .unwrap();
+    let expected = 1 + (filled - 1) + small_sends;
+    let mut waiting = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting.len() < expected {
+        assert!(Instant::now() < deadline, "sign-on listed {waiting:?}");
+        if let Some(Packet::MessageAvailable { id, .. }) =
+            bob.next_packet(Duration::from_secs(5)).await.unwrap()
+        {
+            waiting.push(id);
+        }
+    }
+    assert_eq!(waiting[0], "first");
+    assert!(!waiting.contains(&"fill-0".to_string()), "{waiting:?}");
+    // A receive reads the message; its removal needs a write, so it is
+    // refused and the message stays.
+    match receive(&connector, addr, "first").await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code.as_str(), "unavailable", "{e}");
+            assert!(e.text.contains("the message stays"), "{e}");
+        }
+        other => panic!("the removal cannot be written: {other:?}"),
+    }
+    bob.close().await;
+
+    // Space returns: the server exits with status 1 for its service
+    // manager (systemd's Restart=on-failure) to start it again.
+    std::fs::remove_file(&disk.ballast).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -325,13 +376,12 @@ async fn without_the_reserve_failed_writes_are_errors_and_lose_nothing() {
         }
         assert!(
             Instant::now() < deadline,
-            "the server must exit after its database failed"
+            "the server must exit once space is back"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(1));
 
-    std::fs::remove_file(&disk.ballast).unwrap();
     let server = disk.start();
     let addr = server.message;
     assert_eq!(

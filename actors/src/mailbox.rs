@@ -30,7 +30,7 @@ fn commit_error(e: CommitError) -> StreamError {
         CommitError::Overloaded | CommitError::Closed => {
             StreamError::new(ErrorCode::Unavailable, format!("{e}; try again"))
         }
-        CommitError::Flush(_) => internal(e),
+        CommitError::Flush(reason) => crate::mailboxes::cannot_write(reason),
     }
 }
 

@@ -145,6 +145,29 @@ pub fn internal(e: impl std::fmt::Display) -> StreamError {
     StreamError::new(ErrorCode::Internal, format!("store failure: {e}"))
 }
 
+/// A send that cannot be written for want of a working disk: the store
+/// failed a write (it takes no more until the server restarts) or the disk
+/// is full. Nothing is stored; the sender tries again later with the same
+/// id.
+pub fn cannot_write(reason: impl std::fmt::Display) -> StreamError {
+    StreamError::new(
+        ErrorCode::Unavailable,
+        format!("the server cannot store messages now ({reason}); try again later"),
+    )
+}
+
+/// True for the errors of a full disk or of a store that failed.
+fn is_disk_failure(e: &StoreError) -> bool {
+    match e {
+        StoreError::Failed(_) => true,
+        StoreError::File(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ),
+        _ => false,
+    }
+}
+
 pub(crate) fn no_such_message() -> StreamError {
     StreamError::new(ErrorCode::NoSuchMessage, "no such message in this mailbox")
 }
@@ -281,6 +304,9 @@ impl Mailboxes {
     /// Checks quota and id, then writes the message and its entries
     /// (uncommitted). An exact retry writes nothing.
     pub fn store_message(&mut self, msg: &Deliver) -> Result<Stored, StreamError> {
+        if let Some(reason) = self.store.failed() {
+            return Err(cannot_write(format!("the store failed a write: {reason}")));
+        }
         let digest = digest(&msg.recipients, &msg.data);
         let earlier = self.store.get_id(&msg.id).map_err(internal)?;
         let conflict = match &earlier {
@@ -337,7 +363,11 @@ impl Mailboxes {
         };
         self.store
             .put_message(seq, &header, &msg.data, &id_record)
-            .map_err(internal)?;
+            .map_err(|e| match self.store.failed() {
+                Some(reason) => cannot_write(format!("the store failed a write: {reason}")),
+                None if is_disk_failure(&e) => cannot_write(e),
+                None => internal(e),
+            })?;
         for recipient in &msg.recipients {
             self.insert_entry(recipient, seq, &header, false);
         }
@@ -437,12 +467,24 @@ impl Mailboxes {
     /// Removes one message from one mailbox (its data with the last
     /// holder). False if it was not there.
     pub fn remove(&mut self, user: &str, id: &str) -> Result<bool, StreamError> {
+        let Some(seq) = self.seq_of(user, id) else {
+            return Ok(false);
+        };
+        let last = self.holders.get(&seq).copied().unwrap_or(1) <= 1;
+        // The store first: a removal it refuses (a full disk) leaves the
+        // message listed and receivable, as it still is.
+        self.store
+            .remove_entry(user, seq, last)
+            .map_err(|e| match self.store.failed() {
+                Some(reason) => cannot_write(format!(
+                    "the store failed a write: {reason}; the message stays"
+                )),
+                None => internal(e),
+            })?;
         let Some(bx) = self.boxes.get_mut(user) else {
-            return Ok(false);
+            return Ok(true);
         };
-        let Some(seq) = bx.by_id.remove(id) else {
-            return Ok(false);
-        };
+        bx.by_id.remove(id);
         if let Some(entry) = bx.entries.remove(&seq) {
             bx.bytes -= entry.size;
             self.total.0 -= 1;
@@ -451,13 +493,11 @@ impl Mailboxes {
         if bx.entries.is_empty() {
             self.boxes.remove(user);
         }
-        let holders = self.holders.entry(seq).or_insert(1);
-        *holders -= 1;
-        let last = *holders == 0;
         if last {
             self.holders.remove(&seq);
+        } else if let Some(holders) = self.holders.get_mut(&seq) {
+            *holders -= 1;
         }
-        self.store.remove_entry(user, seq, last).map_err(internal)?;
         Ok(true)
     }
 

@@ -41,6 +41,9 @@ pub enum StoreError {
     /// The shared database's schema does not fit this build.
     #[error("database schema: {0}")]
     Schema(String),
+    /// The embedded store failed a write earlier and takes no more.
+    #[error("the store failed a write earlier ({0}) and takes no more until the server restarts")]
+    Failed(String),
     #[error("user {0} already exists")]
     UserExists(String),
 }

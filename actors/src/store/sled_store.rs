@@ -31,16 +31,49 @@ const SPOOLED: u8 = b'f';
 const MAILBOX: u8 = b'b';
 const ID: u8 = b'i';
 
+/// sled's database handle, which must not be dropped once a write failed:
+/// sled 0.34.7 then neither flushes nor closes (every later `flush`, and
+/// the flush in its `Drop`, waits forever for the buffer whose write
+/// failed). A failed handle is left open for the process's end instead.
+struct Db {
+    db: std::mem::ManuallyDrop<sled::Db>,
+    failure: Failure,
+}
+
+type Failure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+impl std::ops::Deref for Db {
+    type Target = sled::Db;
+    fn deref(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if failure_of(&self.failure).is_some() {
+            log::warn!("the store failed a write: leaving it open rather than hang closing it");
+            return;
+        }
+        // SAFETY: dropped once, here, and never used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.db) }
+    }
+}
+
+fn failure_of(failure: &Failure) -> Option<String> {
+    failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// The embedded store: one sled database in a directory.
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    db: std::sync::Arc<Db>,
     dir: std::path::PathBuf,
     spool: std::sync::Arc<Spool>,
     platter: std::sync::Arc<Platter>,
     /// The first write error seen. sled 0.34.7 stays failed after one
     /// (every later call errors) until the database is opened again.
-    failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    failure: Failure,
 }
 
 impl SledStore {
@@ -56,12 +89,16 @@ impl SledStore {
             .path(dir)
             .cache_capacity(cache_bytes)
             .open()?;
+        let failure = Failure::default();
         let store = SledStore {
-            db,
+            db: std::sync::Arc::new(Db {
+                db: std::mem::ManuallyDrop::new(db),
+                failure: failure.clone(),
+            }),
             dir: dir.to_owned(),
             spool: std::sync::Arc::new(Spool::open(dir.join("spool"))?),
             platter: std::sync::Arc::new(Platter::open(dir)?),
-            failure: Default::default(),
+            failure,
         };
         store.reconcile_spool()?;
         Ok(store)
@@ -134,6 +171,14 @@ impl SledStore {
                 Ok(u64::from_be_bytes(seq))
             })
             .collect()
+    }
+
+    /// Refuses to flush a failed store: sled would wait forever.
+    fn usable(&self) -> Result<(), StoreError> {
+        match failure_of(&self.failure) {
+            Some(reason) => Err(StoreError::Failed(reason)),
+            None => Ok(()),
+        }
     }
 
     /// Remembers the first I/O error of a write.
@@ -338,6 +383,7 @@ impl Store for SledStore {
     }
 
     fn write_out(&self) -> Result<WrittenOut, StoreError> {
+        self.usable()?;
         let removed_files = self.spool.take_pending();
         self.watch(self.db.flush())?;
         Ok(WrittenOut { removed_files })
@@ -357,10 +403,7 @@ impl Store for SledStore {
     }
 
     fn failed(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        failure_of(&self.failure)
     }
 
     fn backup(&self, dir: &Path) -> Result<(), StoreError> {
