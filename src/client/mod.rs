@@ -403,8 +403,7 @@ pub async fn fetch_message(
     id: &str,
     ack: bool,
 ) -> Result<Received, ClientError> {
-    let mut exchange = Receiving::open(connector, addr, username, password, id).await?;
-    let received = exchange.take();
+    let (received, exchange) = Receiving::open(connector, addr, username, password, id).await?;
     if ack {
         exchange.acknowledge().await?;
     }
@@ -412,24 +411,24 @@ pub async fn fetch_message(
 }
 
 /// A receive whose message has arrived and is not yet acknowledged: the
-/// caller keeps it (writes it out, shows it) and only then says `done`.
-/// Dropping it without [`Receiving::acknowledge`] leaves the message in the
-/// mailbox.
+/// caller keeps the message [`Receiving::open`] handed over (writes it out,
+/// shows it) and only then says `done`. Dropping it without
+/// [`Receiving::acknowledge`] leaves the message in the mailbox.
 pub struct Receiving {
     reader: BufReader<ReadHalf<Tls>>,
     writer: WriteHalf<Tls>,
-    received: Option<Received>,
 }
 
 impl Receiving {
-    /// Asks for message `id` and reads it whole.
+    /// Asks for message `id` and reads it whole: the message, and the
+    /// exchange that acknowledges it.
     pub async fn open(
         connector: &Connector,
         addr: SocketAddr,
         username: &str,
         password: &str,
         id: &str,
-    ) -> Result<Receiving, ClientError> {
+    ) -> Result<(Received, Receiving), ClientError> {
         let stream = connector.connect(addr).await?;
         let (reader, mut writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(reader);
@@ -448,21 +447,7 @@ impl Receiving {
         let received = tokio::time::timeout(STEP * 4, exchange)
             .await
             .map_err(|_| ClientError::Timeout("receive"))??;
-        Ok(Receiving {
-            reader,
-            writer,
-            received: Some(received),
-        })
-    }
-
-    /// The message (once; later calls get an empty one).
-    pub fn take(&mut self) -> Received {
-        self.received.take().unwrap_or_else(|| Received {
-            sender: String::new(),
-            id: String::new(),
-            recipients: Vec::new(),
-            data: Vec::new(),
-        })
+        Ok((received, Receiving { reader, writer }))
     }
 
     /// Says `done` and waits for the server's close, which means the

@@ -154,12 +154,11 @@ pub async fn receive_one(
     id: &str,
     keep: Keep<'_>,
 ) -> Result<Kept, String> {
-    let mut receiving = server
+    let (message, receiving) = server
         .on_message_stream(|connector, addr| async move {
             Receiving::open(&connector, addr, &account.user, &account.password, id).await
         })
         .await?;
-    let message = receiving.take();
     let data = MessageData::parse(&message.data, crate::client::RECEIVE_LIMITS)
         .map_err(|e| format!("the message data cannot be read: {e}; it stays in the mailbox"))?;
     let kept = match keep {

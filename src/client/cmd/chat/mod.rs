@@ -252,13 +252,12 @@ async fn receive(
     save: Option<PathBuf>,
     inputs: &mpsc::Sender<Input>,
 ) -> Result<(), String> {
-    let mut receiving = server
+    let (message, receiving) = server
         .on_message_stream(|connector, addr| async move {
             Receiving::open(&connector, addr, &account.user, &account.password, id).await
         })
         .await
         .map_err(|e| format!("message {id}: {e}"))?;
-    let message = receiving.take();
     let limits = crate::client::RECEIVE_LIMITS;
     let data = MessageData::parse(&message.data, limits)
         .map_err(|e| format!("message {id} cannot be read ({e}); it stays in your mailbox"))?;
