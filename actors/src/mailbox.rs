@@ -14,7 +14,7 @@ use actix::{
     WrapFuture,
 };
 
-use crate::mailboxes::{internal, Mailboxes, Stored, Uncommitted};
+use crate::mailboxes::{internal, IdPruning, Mailboxes, Stored, Uncommitted};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailboxStatsRequest, Purge, Remove,
     SessionId, Subscribe, Unsubscribe,
@@ -51,6 +51,8 @@ pub struct MailboxActor {
     /// Entries found written but not committed when the actor restarted;
     /// committed and announced once it has started again.
     unannounced: Uncommitted,
+    /// A pruning pass over the retained ids is under way.
+    pruning: bool,
 }
 
 impl MailboxActor {
@@ -60,6 +62,7 @@ impl MailboxActor {
             commit,
             subscribers: HashMap::new(),
             unannounced: Vec::new(),
+            pruning: false,
         }
     }
 
@@ -79,6 +82,26 @@ impl MailboxActor {
             {
                 outbound.push(frame.clone());
             }
+        }
+    }
+
+    /// Starts a pass over the retained ids unless one is running. Each
+    /// chunk is one turn of the actor, so sends and receives go on between
+    /// them.
+    fn start_pruning(&mut self, ctx: &mut Context<Self>) {
+        if !std::mem::replace(&mut self.pruning, true) {
+            let pass = self.mailboxes.start_id_pruning();
+            self.prune_step(pass, ctx);
+        }
+    }
+
+    fn prune_step(&mut self, mut pass: IdPruning, ctx: &mut Context<Self>) {
+        if self.mailboxes.prune_id_chunk(&mut pass) {
+            ctx.run_later(Duration::ZERO, move |actor, ctx| {
+                actor.prune_step(pass, ctx)
+            });
+        } else {
+            self.pruning = false;
         }
     }
 
@@ -135,6 +158,8 @@ impl MailboxActor {
 /// again once it has started.
 impl actix::Supervised for MailboxActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        // `started` begins a fresh pass.
+        self.pruning = false;
         match self.mailboxes.reload_after_failure() {
             Ok((mailboxes, unannounced)) => {
                 self.mailboxes = mailboxes;
@@ -170,9 +195,9 @@ impl Actor for MailboxActor {
         let (messages, bytes) = self.mailboxes.totals();
         log::info!("mailboxes loaded: {messages} messages, {bytes} bytes waiting");
         self.publish();
-        self.mailboxes.prune_ids();
+        self.start_pruning(ctx);
         let every = (self.mailboxes.settings().id_retention / 24).max(Duration::from_secs(60));
-        ctx.run_interval(every, |actor, _| actor.mailboxes.prune_ids());
+        ctx.run_interval(every, |actor, ctx| actor.start_pruning(ctx));
         self.mailboxes.publish_disk_free();
         ctx.run_interval(Duration::from_secs(10), |actor, _| {
             actor.mailboxes.publish_disk_free()

@@ -14,7 +14,7 @@ use crate::messages::{Deliver, Fetched};
 use crate::proto::data::{DataLimits, MessageData};
 use crate::proto::lines::{ErrorCode, StreamError};
 use crate::settings::{Limits, Timeouts};
-use crate::store::{unix_now, IdRecord, MessageHeader, Store, StoreError};
+use crate::store::{unix_now, DatedId, IdRecord, MessageHeader, Store, StoreError};
 
 /// Limits and retention of the mailboxes.
 #[derive(Debug, Clone)]
@@ -99,6 +99,17 @@ pub fn queue_notices<'a>(
     if !frames.is_empty() {
         outbound.push(bytes::Bytes::from(frames));
     }
+}
+
+/// Ids read and pruned per step of a pruning pass.
+pub const PRUNE_CHUNK: usize = 1_000;
+
+/// Where a pruning pass over the retained ids stands.
+#[derive(Debug)]
+pub struct IdPruning {
+    cutoff: u64,
+    after: Option<DatedId>,
+    pruned: usize,
 }
 
 /// Messages written but not committed, each with the recipients whose
@@ -583,32 +594,59 @@ impl Mailboxes {
         stats
     }
 
-    /// Forgets accepted ids past their retention whose message is gone.
+    /// Forgets every retained id older than the retention whose message
+    /// no mailbox holds, in one go (the offline admin and tests; the actor
+    /// prunes chunk by chunk between its other work).
     pub fn prune_ids(&mut self) {
-        let cutoff = unix_now().saturating_sub(self.settings.id_retention.as_secs());
-        let records = match self.store.id_records() {
-            Ok(records) => records,
-            Err(e) => {
-                log::warn!("could not scan message ids for pruning: {e}");
-                return;
-            }
-        };
-        let mut pruned = 0;
-        for (id, record) in records {
-            if record.accepted_unix < cutoff && !self.holders.contains_key(&record.seq) {
-                if let Err(e) = self.store.remove_id(&id) {
-                    log::warn!("could not prune message id: {e}");
-                    return;
-                }
-                pruned += 1;
-            }
+        let mut pass = self.start_id_pruning();
+        while self.prune_id_chunk(&mut pass) {}
+    }
+
+    /// A pruning pass over the ids accepted before the retention began.
+    pub fn start_id_pruning(&self) -> IdPruning {
+        IdPruning {
+            cutoff: unix_now().saturating_sub(self.settings.id_retention.as_secs()),
+            after: None,
+            pruned: 0,
         }
-        if pruned > 0 {
+    }
+
+    /// Prunes the next chunk of at most [`PRUNE_CHUNK`] ids; false once
+    /// the pass is over. Ids are kept in acceptance order, so a chunk
+    /// reads only ids that are due, never the whole set.
+    pub fn prune_id_chunk(&mut self, pass: &mut IdPruning) -> bool {
+        let chunk =
+            match self
+                .store
+                .ids_accepted_before(pass.cutoff, pass.after.as_ref(), PRUNE_CHUNK)
+            {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    log::warn!("could not read message ids for pruning: {e}");
+                    return false;
+                }
+            };
+        for dated in &chunk {
+            let waiting = dated.seq.is_some_and(|seq| self.holders.contains_key(&seq));
+            if waiting {
+                continue;
+            }
+            if let Err(e) = self.store.remove_id(dated) {
+                log::warn!("could not prune message id: {e}");
+                return false;
+            }
+            pass.pruned += 1;
+        }
+        let more = chunk.len() == PRUNE_CHUNK;
+        pass.after = chunk.into_iter().last();
+        if !more && pass.pruned > 0 {
             log::info!(
-                "pruned {pruned} message ids older than {:?}",
+                "pruned {} message ids older than {:?}",
+                pass.pruned,
                 self.settings.id_retention
             );
         }
+        more
     }
 
     /// Copies the store to `dir` (see [`Store::backup`]).
@@ -704,6 +742,58 @@ mod tests {
             Ok(Stored::Retry(_))
         ));
     }
+    #[test]
+    fn ids_are_pruned_in_bounded_chunks_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_bob(dir.path());
+        let no_retention = MailboxSettings {
+            id_retention: Duration::ZERO,
+            ..MailboxSettings::default()
+        };
+        let mut mailboxes = Mailboxes::load(store.clone(), no_retention).unwrap();
+        let received = 2 * PRUNE_CHUNK + PRUNE_CHUNK / 2;
+        for n in 0..=received {
+            let id = format!("m{n}");
+            let Ok(Stored::New(seq)) = mailboxes.store_message(&deliver(&id, "bob")) else {
+                panic!()
+            };
+            mailboxes.mark_committed(seq, &["bob".to_string()]);
+            // The last one stays in the mailbox.
+            if n < received {
+                assert!(mailboxes.remove("bob", &id).unwrap());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut pass = mailboxes.start_id_pruning();
+        let mut chunks = 0;
+        let mut left = store
+            .ids_accepted_before(u64::MAX, None, usize::MAX)
+            .unwrap()
+            .len();
+        assert_eq!(left, received + 1);
+        loop {
+            let more = mailboxes.prune_id_chunk(&mut pass);
+            chunks += 1;
+            let now = store
+                .ids_accepted_before(u64::MAX, None, usize::MAX)
+                .unwrap()
+                .len();
+            assert!(left - now <= PRUNE_CHUNK, "one chunk pruned {}", left - now);
+            left = now;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(left, 1, "only the waiting message's id is kept");
+        assert!(store.get_id("m0").unwrap().is_none());
+        assert!(store.get_id(&format!("m{received}")).unwrap().is_some());
+        // The time index went with the records.
+        let rest = store.ids_accepted_before(u64::MAX, None, 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].id, format!("m{received}"));
+    }
+
     /// Start-up cost of broadcast messages: `cargo test --release -p
     /// csm-actors --lib -- --ignored --nocapture loading_broadcasts`.
     #[test]

@@ -103,6 +103,15 @@ pub struct IdRecord {
     pub accepted_unix: u64,
 }
 
+/// A remembered id in acceptance order, as pruning walks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatedId {
+    pub id: String,
+    pub accepted_unix: u64,
+    /// The message it names; `None` when the id record itself is gone.
+    pub seq: Option<u64>,
+}
+
 /// One waiting message in one user's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxEntry {
@@ -152,9 +161,16 @@ pub trait Store: Send + Sync + 'static {
     fn mailbox_entries(&self) -> Result<Vec<MailboxEntry>, StoreError>;
 
     fn get_id(&self, id: &str) -> Result<Option<IdRecord>, StoreError>;
-    /// Every id record with its id.
-    fn id_records(&self) -> Result<Vec<(String, IdRecord)>, StoreError>;
-    fn remove_id(&self, id: &str) -> Result<(), StoreError>;
+    /// Up to `limit` remembered ids accepted before `before_unix`, oldest
+    /// first, starting after `after`: pruning walks them in bounded chunks.
+    fn ids_accepted_before(
+        &self,
+        before_unix: u64,
+        after: Option<&DatedId>,
+        limit: usize,
+    ) -> Result<Vec<DatedId>, StoreError>;
+    /// Forgets a remembered id.
+    fn remove_id(&self, dated: &DatedId) -> Result<(), StoreError>;
 
     /// Makes every write before it durable.
     fn flush(&self) -> Result<(), StoreError> {

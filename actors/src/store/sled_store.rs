@@ -11,10 +11,13 @@
 //! | `f` seq (u64 BE) | empty: the data is in `spool/` (see `spool.rs`) |
 //! | `b` username `00` seq (u64 BE) | empty: a mailbox entry |
 //! | `i` message id | [`IdRecord`] (MessagePack) |
+//! | `t` accepted (u64 BE, Unix seconds) message id | empty: the ids in acceptance order, for pruning |
+//! | `m` name | store metadata: `m ids-by-time` once every id has its `t` key |
 //!
 //! Usernames never contain `00`, so `b` username `00` is a prefix that
 //! lists one mailbox in sequence order.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -22,7 +25,9 @@ use serde::Serialize;
 
 use super::platter::Platter;
 use super::spool::{Spool, SPOOL_FROM_BYTES};
-use super::{IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord, WrittenOut};
+use super::{
+    DatedId, IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord, WrittenOut,
+};
 
 const USER: u8 = b'u';
 const HEADER: u8 = b'h';
@@ -30,6 +35,10 @@ const DATA: u8 = b'd';
 const SPOOLED: u8 = b'f';
 const MAILBOX: u8 = b'b';
 const ID: u8 = b'i';
+const ID_BY_TIME: u8 = b't';
+/// Set once every id record has its `t` key (stores made before the `t`
+/// keys get them at their first open).
+const IDS_BY_TIME_BUILT: &[u8] = b"mids-by-time";
 
 /// sled's database handle, which must not be dropped once a write failed:
 /// sled 0.34.7 then neither flushes nor closes (every later `flush`, and
@@ -101,7 +110,34 @@ impl SledStore {
             failure,
         };
         store.reconcile_spool()?;
+        store.index_ids_by_time()?;
         Ok(store)
+    }
+
+    /// Gives every id record its `t` key, once per store: a store written
+    /// before ids were kept in acceptance order.
+    fn index_ids_by_time(&self) -> Result<(), StoreError> {
+        if self.db.contains_key(IDS_BY_TIME_BUILT)? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut indexed = 0usize;
+        for item in self.db.scan_prefix([ID]) {
+            let (k, v) = item?;
+            let record: IdRecord = decode(&k, &v)?;
+            batch.insert(id_time_key(record.accepted_unix, &k[1..]), &[][..]);
+            indexed += 1;
+            if indexed % 10_000 == 0 {
+                self.watch(self.db.apply_batch(std::mem::take(&mut batch)))?;
+            }
+        }
+        batch.insert(IDS_BY_TIME_BUILT, &[][..]);
+        self.watch(self.db.apply_batch(batch))?;
+        self.flush()?;
+        if indexed > 0 {
+            log::info!("indexed {indexed} message ids by acceptance time");
+        }
+        Ok(())
     }
 
     /// Deletes spool files no record names (left by a crash between a
@@ -200,6 +236,12 @@ fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
 
 fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
     key(prefix, &seq.to_be_bytes())
+}
+
+fn id_time_key(accepted_unix: u64, id: &[u8]) -> Vec<u8> {
+    let mut k = seq_key(ID_BY_TIME, accepted_unix);
+    k.extend_from_slice(id);
+    k
 }
 
 fn mailbox_prefix(user: &str) -> Vec<u8> {
@@ -301,6 +343,10 @@ impl Store for SledStore {
             batch.insert(mailbox_key(recipient, seq), &[][..]);
         }
         batch.insert(key(ID, header.id.as_bytes()), encode(id_record));
+        batch.insert(
+            id_time_key(id_record.accepted_unix, header.id.as_bytes()),
+            &[][..],
+        );
         let applied = self.watch(self.db.apply_batch(batch));
         if applied.is_err() && spooled {
             self.spool.unlink(&[seq]);
@@ -365,21 +411,45 @@ impl Store for SledStore {
         self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
     }
 
-    fn id_records(&self) -> Result<Vec<(String, IdRecord)>, StoreError> {
-        self.db
-            .scan_prefix([ID])
-            .map(|item| {
-                let (k, v) = item?;
-                let id =
-                    String::from_utf8(k[1..].to_vec()).map_err(|_| corrupt(&k, "id not UTF-8"))?;
-                Ok((id, decode(&k, &v)?))
-            })
-            .collect()
+    fn ids_accepted_before(
+        &self,
+        before_unix: u64,
+        after: Option<&DatedId>,
+        limit: usize,
+    ) -> Result<Vec<DatedId>, StoreError> {
+        let end = seq_key(ID_BY_TIME, before_unix);
+        let range = match after {
+            Some(last) => {
+                let start = id_time_key(last.accepted_unix, last.id.as_bytes());
+                self.db
+                    .range::<&[u8], _>((Bound::Excluded(&start[..]), Bound::Excluded(&end[..])))
+            }
+            None => self.db.range(vec![ID_BY_TIME]..end),
+        };
+        let mut dated = Vec::new();
+        for item in range.take(limit) {
+            let (k, _) = item?;
+            if k.len() < 9 {
+                return Err(corrupt(&k, "bad id time key"));
+            }
+            let mut accepted = [0u8; 8];
+            accepted.copy_from_slice(&k[1..9]);
+            let id = String::from_utf8(k[9..].to_vec()).map_err(|_| corrupt(&k, "id not UTF-8"))?;
+            let seq = self.get_id(&id)?.map(|record| record.seq);
+            dated.push(DatedId {
+                id,
+                accepted_unix: u64::from_be_bytes(accepted),
+                seq,
+            });
+        }
+        Ok(dated)
     }
 
-    fn remove_id(&self, id: &str) -> Result<(), StoreError> {
-        self.db.remove(key(ID, id.as_bytes()))?;
-        Ok(())
+    fn remove_id(&self, dated: &DatedId) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(key(ID, dated.id.as_bytes()));
+        batch.remove(id_time_key(dated.accepted_unix, dated.id.as_bytes()));
+        self.watch(self.db.apply_batch(batch))
     }
 
     fn write_out(&self) -> Result<WrittenOut, StoreError> {
@@ -440,6 +510,39 @@ mod tests {
             seq,
             accepted_unix: 1,
         }
+    }
+
+    #[test]
+    fn ids_written_before_the_time_index_get_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            // A store as older servers wrote it: id records only.
+            store.db.remove(IDS_BY_TIME_BUILT).unwrap();
+            for (n, accepted) in [("old", 100), ("older", 50), ("new", 5_000)] {
+                let record = IdRecord {
+                    accepted_unix: accepted,
+                    ..id_record(1)
+                };
+                store
+                    .db
+                    .insert(key(ID, n.as_bytes()), encode(&record))
+                    .unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let due = store.ids_accepted_before(1_000, None, 10).unwrap();
+        let ids: Vec<&str> = due.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["older", "old"], "oldest first, only those due");
+        let after_first = store.ids_accepted_before(1_000, Some(&due[0]), 10).unwrap();
+        assert_eq!(after_first, due[1..]);
+        store.remove_id(&due[0]).unwrap();
+        assert!(store.get_id("older").unwrap().is_none());
+        assert_eq!(
+            store.ids_accepted_before(1_000, None, 10).unwrap(),
+            due[1..]
+        );
     }
 
     #[test]
