@@ -125,11 +125,11 @@ pub async fn run(
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
     if let Some(store) = backend.sled_store() {
-        let restart_free = match config.limits.disk_reserve_bytes {
-            0 => RESTART_FREE_BYTES,
+        let room = match config.limits.disk_reserve_bytes {
+            0 => csm_actors::mailboxes::REOPEN_FREE_BYTES,
             reserve => reserve,
         };
-        actix_rt::spawn(restart_after_store_failure(store, restart_free));
+        actix_rt::spawn(exit_if_store_stays_failed(store, room));
     }
     log::info!("session stream listening on {session_addr}");
     log::info!("message stream listening on {message_addr}");
@@ -212,47 +212,54 @@ async fn reload_on_sighup(
     }
 }
 
-/// Free bytes at which a server whose store failed for want of space
-/// restarts, when the disk reserve is off.
-const RESTART_FREE_BYTES: u64 = 16 << 20;
+/// How long a store that failed a write may stay failed with room on its
+/// disk (so the mailbox actor could not reopen it) before the server exits.
+const REOPEN_GRACE: Duration = Duration::from_secs(30);
 
 /// A store that failed a write (a full disk, an I/O error) takes no more
-/// writes in this process: sled 0.34.7 can neither flush nor close after
-/// one, so it cannot be reopened in place. The server goes on serving what
-/// needs no write (sign-ons, presence, the waiting lists, reading messages)
-/// and answers sends `unavailable`, and once the filesystem has
-/// `restart_free` bytes free again it exits with status 1 for its service
-/// manager to start it on a fresh store handle. Everything acknowledged is
-/// on disk, which is what makes exiting safe; a send that failed was
-/// answered with an error, not `done`.
-async fn restart_after_store_failure(store: Arc<dyn Store>, restart_free: u64) {
-    let reason = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Some(reason) = store.failed() {
-            break reason;
-        }
-    };
-    log::error!(
-        "the store failed a write ({reason}): sends are refused, sign-ons and receives go on; \
-         the server exits with status 1 for its service manager to restart it once \
-         {restart_free} bytes are free"
-    );
-    notify_systemd(&[sd_notify::NotifyState::Status(&format!(
-        "store failed: {reason}; waiting for {restart_free} bytes free"
-    ))]);
+/// writes until it is reopened, which the mailbox actor does in place once
+/// the filesystem has room again; meanwhile the server serves what needs
+/// no write (sign-ons, presence, the waiting lists, reading messages) and
+/// answers sends `unavailable`. This watch is the last resort: if the
+/// store stays failed for [`REOPEN_GRACE`] although there is room (the
+/// reopen itself failed, or [`csm_actors::store::MAX_REOPENS`] is spent),
+/// the server exits with status 1 for its service manager to start it
+/// afresh. Everything acknowledged is on disk, which makes exiting safe.
+async fn exit_if_store_stays_failed(store: Arc<dyn Store>, room: u64) {
+    let mut failed_with_room_since: Option<std::time::Instant> = None;
+    let mut reported = false;
     loop {
-        match store.free_space() {
-            Some(free) if free < restart_free => {}
-            free => {
-                log::error!(
-                    "{} bytes free: exiting with status 1 so that the service manager restarts csm",
-                    free.map_or("unknown".to_owned(), |f| f.to_string())
-                );
-                notify_systemd(&[sd_notify::NotifyState::Stopping]);
-                std::process::exit(1);
-            }
-        }
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(reason) = store.failed() else {
+            if std::mem::take(&mut reported) {
+                log::info!("the store was reopened and takes writes again");
+                notify_systemd(&[sd_notify::NotifyState::Status("serving")]);
+            }
+            failed_with_room_since = None;
+            continue;
+        };
+        if !std::mem::replace(&mut reported, true) {
+            log::error!(
+                "the store failed a write ({reason}): sends are refused, sign-ons and \
+                 receives go on; it is reopened once {room} bytes are free"
+            );
+            notify_systemd(&[sd_notify::NotifyState::Status(&format!(
+                "store failed: {reason}; waiting for {room} bytes free"
+            ))]);
+        }
+        if store.free_space().is_some_and(|free| free < room) {
+            failed_with_room_since = None;
+            continue;
+        }
+        let since = *failed_with_room_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= REOPEN_GRACE {
+            log::error!(
+                "the store could not be reopened in place ({reason}); exiting with status 1 \
+                 so that the service manager restarts csm"
+            );
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+            std::process::exit(1);
+        }
     }
 }
 

@@ -5,10 +5,9 @@
 //! returns, all in the same process. With the reserve off, the write itself
 //! fails: the send is answered `unavailable`, never `done`; the server goes
 //! on with sign-ons and receives while sends stay refused, and once space
-//! is back it exits with status 1 for its service manager to restart it
-//! (sled 0.34.7 cannot be reopened in place), with everything acknowledged
-//! kept. Needs root to mount; where that is not allowed the tests say so
-//! and do nothing.
+//! is back it reopens the store in place, with its sessions still signed
+//! on and everything acknowledged kept. Needs root to mount; where that is
+//! not allowed the tests say so and do nothing.
 
 mod common;
 
@@ -173,7 +172,8 @@ async fn assert_kept(
 fn assert_no_such_message(result: Result<Received, ClientError>, why: &str) {
     match result {
         Err(ClientError::Refused(e)) => assert!(e.text.contains("no such message"), "{why}: {e}"),
-        other => panic!("{why}: {other:?}"),
+        Ok(received) => panic!("{why}: {} is still there", received.id),
+        Err(e) => panic!("{why}: {e}"),
     }
 }
 
@@ -277,8 +277,7 @@ async fn a_full_disk_refuses_sends_keeps_receiving_and_recovers_in_place() {
 }
 
 #[tokio::test]
-async fn without_the_reserve_a_failed_write_refuses_sends_serves_on_and_restarts_when_space_returns(
-) {
+async fn without_the_reserve_a_failed_write_refuses_sends_serves_on_and_reopens_in_place() {
     let Some(disk) = SmallDisk::new(0) else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
         return;
@@ -364,31 +363,47 @@ async fn without_the_reserve_a_failed_write_refuses_sends_serves_on_and_restarts
         }
         other => panic!("the removal cannot be written: {other:?}"),
     }
-    bob.close().await;
 
-    // Space returns: the server exits with status 1 for its service
-    // manager (systemd's Restart=on-failure) to start it again.
+    // Space returns: the store is reopened in place. The same process
+    // takes sends again, and bob, signed on throughout, hears of them.
     std::fs::remove_file(&disk.ballast).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match send(&connector, addr, "after", &sample_data("after")).await {
+            Ok(()) => break,
+            Err(ClientError::Refused(e)) if e.code.as_str() == "unavailable" => {
+                assert!(
+                    Instant::now() < deadline,
+                    "sends must be taken again once space is back: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("sends are refused or taken, nothing else: {e}"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the server must exit once space is back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(1));
+    }
+    let notice = bob.next_packet(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        matches!(&notice, Some(Packet::MessageAvailable { id, .. }) if id == "after"),
+        "bob's session lives on through the reopen and is told: {notice:?}"
+    );
+    assert_eq!(
+        receive(&connector, addr, "after").await.unwrap().data,
+        sample_data("after")
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the store is reopened in place, without a restart"
+    );
 
-    let server = disk.start();
-    let addr = server.message;
+    // Everything acknowledged is there, in the same process; the removal
+    // that could not be written is taken now; the refused sends are not
+    // stored.
     assert_eq!(
         receive(&connector, addr, "first").await.unwrap().data,
         first,
         "acknowledged before the disk filled"
     );
+    assert_no_such_message(receive(&connector, addr, "first").await, "received");
     assert_kept(&connector, addr, "fill", 1..filled, big).await;
     assert_kept(&connector, addr, "small", 0..small_sends, small).await;
     assert_no_such_message(receive(&connector, addr, "fill-0").await, "received before");
@@ -400,12 +415,26 @@ async fn without_the_reserve_a_failed_write_refuses_sends_serves_on_and_restarts
         receive(&connector, addr, &format!("small-{small_sends}")).await,
         "the refused send must not be stored",
     );
-    send(&connector, addr, "after", &sample_data("after"))
+    send(&connector, addr, "kept", &sample_data("kept"))
         .await
         .unwrap();
+    bob.close().await;
+
+    // The reopened store is as durable as any: after a kill, the receives
+    // stay done and the one message left is there.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    let server = disk.start();
+    let addr = server.message;
+    for id in ["first", "after", "fill-1", "small-0"] {
+        assert_no_such_message(
+            receive(&connector, addr, id).await,
+            "received before the kill",
+        );
+    }
     assert_eq!(
-        receive(&connector, addr, "after").await.unwrap().data,
-        sample_data("after")
+        receive(&connector, addr, "kept").await.unwrap().data,
+        sample_data("kept")
     );
     server.kill();
 }

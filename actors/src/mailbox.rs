@@ -53,6 +53,9 @@ pub struct MailboxActor {
     unannounced: Uncommitted,
     /// A pruning pass over the retained ids is under way.
     pruning: bool,
+    /// Reopens of the store that failed since the last success, to space
+    /// out the attempts.
+    failed_reopens: u32,
 }
 
 impl MailboxActor {
@@ -63,7 +66,73 @@ impl MailboxActor {
             subscribers: HashMap::new(),
             unannounced: Vec::new(),
             pruning: false,
+            failed_reopens: 0,
         }
+    }
+
+    /// Commits the entries found written but not committed (after a restart
+    /// or a reopen of the store), then announces them once.
+    fn commit_and_announce(&mut self, unannounced: Uncommitted, ctx: &mut Context<Self>) {
+        if unannounced.is_empty() {
+            return;
+        }
+        log::info!(
+            "committing {} messages written before the store was reloaded",
+            unannounced.len()
+        );
+        let announce = self.commit_then(move |actor| {
+            for (seq, recipients) in &unannounced {
+                actor.announce(*seq, recipients);
+            }
+            Ok(())
+        });
+        ctx.spawn(announce.map(|result, _, _| {
+            if let Err(e) = result {
+                log::error!("committing the messages written before the reload: {e}");
+            }
+        }));
+    }
+
+    /// Reopens the store once it failed a write and there is room again.
+    /// The actor takes no other message meanwhile, so nothing is written
+    /// between the reopen and the reload of the index; the index is then
+    /// rebuilt from the reopened store, which holds the truth, and what it
+    /// holds that was not committed here is committed and announced.
+    /// Sessions stay signed on throughout.
+    fn reopen_if_due(&mut self, ctx: &mut Context<Self>) {
+        let Some(reason) = self.mailboxes.due_for_reopen() else {
+            return;
+        };
+        // After a failed attempt, try again at longer and longer intervals
+        // (0.5 s, 1 s, 2 s, … up to about a minute).
+        self.failed_reopens = self.failed_reopens.saturating_add(1);
+        let attempt = self.failed_reopens;
+        if attempt > 1 && !(attempt - 1).is_power_of_two() {
+            return;
+        }
+        if attempt > 128 {
+            self.failed_reopens = 64;
+        }
+        log::warn!("the store failed a write ({reason}) and there is room again: reopening it");
+        let commit = self.commit.clone();
+        ctx.wait(async move { commit.reopen().await }.into_actor(self).map(
+            |reopened, actor, ctx| {
+                if let Err(e) = reopened {
+                    log::error!("reopening the store failed: {e}; sends stay refused");
+                    return;
+                }
+                match actor.mailboxes.reload_after_failure() {
+                    Ok((mailboxes, unannounced)) => {
+                        actor.failed_reopens = 0;
+                        actor.mailboxes = mailboxes;
+                        actor.publish();
+                        actor.commit_and_announce(unannounced, ctx);
+                        log::info!("the store takes sends again");
+                    }
+                    Err(e) => log::error!("reloading the mailboxes after a reopen failed: {e}"),
+                }
+            },
+        ));
     }
 
     /// After the flush: make the entries receivable and tell the sessions,
@@ -175,23 +244,7 @@ impl Actor for MailboxActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let unannounced = std::mem::take(&mut self.unannounced);
-        if !unannounced.is_empty() {
-            log::info!(
-                "committing {} messages written before the restart",
-                unannounced.len()
-            );
-            let announce = self.commit_then(move |actor| {
-                for (seq, recipients) in &unannounced {
-                    actor.announce(*seq, recipients);
-                }
-                Ok(())
-            });
-            ctx.spawn(announce.map(|result, _, _| {
-                if let Err(e) = result {
-                    log::error!("committing the messages written before the restart: {e}");
-                }
-            }));
-        }
+        self.commit_and_announce(unannounced, ctx);
         let (messages, bytes) = self.mailboxes.totals();
         log::info!("mailboxes loaded: {messages} messages, {bytes} bytes waiting");
         self.publish();
@@ -201,6 +254,9 @@ impl Actor for MailboxActor {
         self.mailboxes.publish_disk_free();
         ctx.run_interval(Duration::from_secs(10), |actor, _| {
             actor.mailboxes.publish_disk_free()
+        });
+        ctx.run_interval(Duration::from_millis(500), |actor, ctx| {
+            actor.reopen_if_due(ctx)
         });
     }
 }

@@ -157,7 +157,7 @@ pub fn internal(e: impl std::fmt::Display) -> StreamError {
 }
 
 /// A send that cannot be written for want of a working disk: the store
-/// failed a write (it takes no more until the server restarts) or the disk
+/// failed a write (it takes no more until it is reopened) or the disk
 /// is full. Nothing is stored; the sender tries again later with the same
 /// id.
 pub fn cannot_write(reason: impl std::fmt::Display) -> StreamError {
@@ -166,6 +166,10 @@ pub fn cannot_write(reason: impl std::fmt::Display) -> StreamError {
         format!("the server cannot store messages now ({reason}); try again later"),
     )
 }
+
+/// Free bytes at which a store that failed for want of space is reopened,
+/// when the disk reserve is off.
+pub const REOPEN_FREE_BYTES: u64 = 16 << 20;
 
 /// True for the errors of a full disk or of a store that failed.
 fn is_disk_failure(e: &StoreError) -> bool {
@@ -394,6 +398,22 @@ impl Mailboxes {
     pub fn publish_disk_free(&self) {
         if let Some(free) = self.store.free_space() {
             metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
+        }
+    }
+
+    /// The reason the store failed a write, once its filesystem has room
+    /// for it to be reopened: the disk reserve, or
+    /// [`REOPEN_FREE_BYTES`] when the reserve is off. `None` while the store
+    /// works, or while the disk is still full.
+    pub fn due_for_reopen(&self) -> Option<String> {
+        let reason = self.store.failed()?;
+        let wanted = match self.settings.disk_reserve {
+            0 => REOPEN_FREE_BYTES,
+            reserve => reserve,
+        };
+        match self.store.free_space() {
+            Some(free) if free < wanted => None,
+            _ => Some(reason),
         }
     }
 

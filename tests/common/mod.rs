@@ -476,7 +476,7 @@ pub fn start_binary_with(dir: &Path, args: &[&std::ffi::OsStr]) -> BinaryServer 
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(server_log())
         .spawn()
         .unwrap();
     wait_for_admin_socket(dir);
@@ -484,6 +484,15 @@ pub fn start_binary_with(dir: &Path, args: &[&std::ffi::OsStr]) -> BinaryServer 
         child,
         session,
         message,
+    }
+}
+
+/// Where a spawned server's log goes: nowhere, or to the test's standard
+/// error with `CSM_TEST_SERVER_LOG=1` (for looking into a failing test).
+pub fn server_log() -> std::process::Stdio {
+    match std::env::var_os("CSM_TEST_SERVER_LOG") {
+        Some(_) => std::process::Stdio::inherit(),
+        None => std::process::Stdio::null(),
     }
 }
 

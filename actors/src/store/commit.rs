@@ -11,6 +11,12 @@
 //! gathered and written out, and the syncer covers every batch handed to
 //! it meanwhile with one sync: a sync always starts after the write-out of
 //! each batch it answers, so none is answered before it is durable.
+//!
+//! The flusher also reopens a store that failed a write
+//! ([`GroupCommit::reopen`]), in its place in the queue: every commit asked
+//! for before it is answered from the old handle (which fails it), every
+//! one after from the new, so no write made on the old handle is answered
+//! as durable by a flush of the new one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -45,6 +51,12 @@ pub enum CommitError {
 
 type Waiter = oneshot::Sender<Result<(), CommitError>>;
 
+/// What the flusher is asked for, in order.
+enum Request {
+    Commit(Waiter),
+    Reopen(oneshot::Sender<Result<(), String>>),
+}
+
 /// Counters of the flusher, for metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct CommitStats {
@@ -55,7 +67,7 @@ pub struct CommitStats {
 /// A handle to the flusher thread; cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
-    requests: SyncSender<Waiter>,
+    requests: SyncSender<Request>,
     stats: Arc<CommitStats>,
 }
 
@@ -94,12 +106,25 @@ impl GroupCommit {
     /// Resolves once every write made before this call is durable.
     pub async fn commit(&self) -> Result<(), CommitError> {
         let (tx, rx) = oneshot::channel();
-        match self.requests.try_send(tx) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(CommitError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => return Err(CommitError::Closed),
-        }
+        self.ask(Request::Commit(tx))?;
         rx.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Reopens the store after it failed a write ([`Store::reopen`]), after
+    /// every commit asked for so far and before every later one.
+    pub async fn reopen(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Request::Reopen(tx)).map_err(|e| e.to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err(CommitError::Closed.to_string()))
+    }
+
+    fn ask(&self, request: Request) -> Result<(), CommitError> {
+        match self.requests.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(CommitError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(CommitError::Closed),
+        }
     }
 
     pub fn stats(&self) -> &CommitStats {
@@ -129,18 +154,36 @@ impl Flusher {
 
 fn run(
     store: Arc<dyn Store>,
-    incoming: Receiver<Waiter>,
+    incoming: Receiver<Request>,
     written: SyncSender<Written>,
     stats: Arc<CommitStats>,
     window: std::time::Duration,
 ) {
     let mut busy = false;
-    while let Ok(first) = incoming.recv() {
+    let mut next = None;
+    while let Some(request) = next.take().or_else(|| incoming.recv().ok()) {
+        let first = match request {
+            Request::Commit(waiter) => waiter,
+            Request::Reopen(answer) => {
+                let _ = answer.send(store.reopen().map_err(|e| e.to_string()));
+                continue;
+            }
+        };
         let mut waiters = vec![first];
         if busy && !window.is_zero() {
             thread::sleep(window);
         }
-        waiters.extend(incoming.try_iter());
+        // A reopen ends the batch: what comes after it is flushed from the
+        // reopened store.
+        for request in incoming.try_iter() {
+            match request {
+                Request::Commit(waiter) => waiters.push(waiter),
+                reopen => {
+                    next = Some(reopen);
+                    break;
+                }
+            }
+        }
         busy = waiters.len() > 1;
         let started = std::time::Instant::now();
         let result = store

@@ -19,7 +19,7 @@ use thiserror::Error;
 
 pub use commit::{CommitError, Flusher, GroupCommit};
 pub use directory::{Directory, SledDirectory};
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, MAX_REOPENS};
 pub use spool::SPOOL_FROM_BYTES;
 
 /// A failure of the store, whichever backend it is.
@@ -41,8 +41,9 @@ pub enum StoreError {
     /// The shared database's schema does not fit this build.
     #[error("database schema: {0}")]
     Schema(String),
-    /// The embedded store failed a write earlier and takes no more.
-    #[error("the store failed a write earlier ({0}) and takes no more until the server restarts")]
+    /// The embedded store failed a write earlier and takes none until it
+    /// is reopened (once space is back).
+    #[error("the store failed a write earlier ({0}) and takes no more until it is reopened")]
     Failed(String),
     #[error("user {0} already exists")]
     UserExists(String),
@@ -55,9 +56,11 @@ impl StoreError {
     }
 
     /// True when a later attempt may succeed (the shared database is
-    /// unreachable or restarting): answered `unavailable`, not `internal`.
+    /// unreachable or restarting, or the embedded one failed a write and is
+    /// reopened once there is room): answered `unavailable`, not
+    /// `internal`.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Failed(_))
     }
 }
 
@@ -196,6 +199,13 @@ pub trait Store: Send + Sync + 'static {
     /// The error that left the store unable to go on, if one did.
     fn failed(&self) -> Option<String> {
         None
+    }
+
+    /// Opens the store again after it [`failed`](Store::failed), so that
+    /// it takes writes again without a restart; nothing when it has not
+    /// failed. Every other writer must wait meanwhile.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// Writes a copy of the whole store into a new store at `dir` and

@@ -40,16 +40,15 @@ const ID_BY_TIME: u8 = b't';
 /// keys get them at their first open).
 const IDS_BY_TIME_BUILT: &[u8] = b"mids-by-time";
 
-/// sled's database handle, which must not be dropped once a write failed:
-/// sled 0.34.7 then neither flushes nor closes (every later `flush`, and
-/// the flush in its `Drop`, waits forever for the buffer whose write
-/// failed). A failed handle is left open for the process's end instead.
+/// One open sled database, which must not be dropped once a write failed:
+/// sled 0.34.7 then refuses every later write and the flush in its `Drop`
+/// can wait forever for the buffer whose write failed. A failed handle is
+/// left open (and idle: sled does no more I/O after a write error) instead.
 struct Db {
     db: std::mem::ManuallyDrop<sled::Db>,
-    failure: Failure,
+    /// The first write error seen on this handle.
+    failure: std::sync::Mutex<Option<String>>,
 }
-
-type Failure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl std::ops::Deref for Db {
     type Target = sled::Db;
@@ -60,7 +59,7 @@ impl std::ops::Deref for Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        if failure_of(&self.failure).is_some() {
+        if self.failure().is_some() {
             log::warn!("the store failed a write: leaving it open rather than hang closing it");
             return;
         }
@@ -69,20 +68,89 @@ impl Drop for Db {
     }
 }
 
-fn failure_of(failure: &Failure) -> Option<String> {
-    failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+impl Db {
+    fn new(db: sled::Db) -> Db {
+        Db {
+            db: std::mem::ManuallyDrop::new(db),
+            failure: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Refuses to write to, or flush, a failed handle: sled would refuse
+    /// the write or wait forever on the flush.
+    fn usable(&self) -> Result<(), StoreError> {
+        match self.failure() {
+            Some(reason) => Err(StoreError::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// A read's error, as [`StoreError::Failed`] once a write failed: sled
+    /// then fails reads of pages it has to fetch from the log, and the
+    /// reader should hear that the store is being recovered, not that a
+    /// record is broken.
+    fn read<T>(&self, result: Result<T, sled::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| match self.failure() {
+            Some(reason) => StoreError::Failed(reason),
+            None => e.into(),
+        })
+    }
+
+    /// Remembers the first I/O error of a write.
+    fn watch<T>(&self, result: Result<T, sled::Error>) -> Result<T, StoreError> {
+        if let Err(sled::Error::Io(e)) = &result {
+            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| e.to_string());
+        }
+        Ok(result?)
+    }
 }
+
+/// Opens sled in `dir`, waiting briefly for a handle this process dropped
+/// or released: sled's file lock goes only once its deferred frees have
+/// run, which can lag the drop under load.
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(StoreError::from)
+        {
+            Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// How many failed handles one process may leave open by reopening: each
+/// keeps what sled had cached (up to `limits.store_cache_bytes`). Past
+/// this, recovery is left to a restart.
+pub const MAX_REOPENS: usize = 4;
 
 /// The embedded store: one sled database in a directory.
 #[derive(Clone)]
 pub struct SledStore {
-    db: std::sync::Arc<Db>,
+    /// The open database. Every call holds a read guard for its length;
+    /// [`SledStore::reopen`] swaps in a new handle under the write guard, so
+    /// no call runs half on the old handle and half on the new.
+    db: std::sync::Arc<parking_lot::RwLock<std::sync::Arc<Db>>>,
     dir: std::path::PathBuf,
+    cache_bytes: u64,
     spool: std::sync::Arc<Spool>,
     platter: std::sync::Arc<Platter>,
-    /// The first write error seen. sled 0.34.7 stays failed after one
-    /// (every later call errors) until the database is opened again.
-    failure: Failure,
+    /// Failed handles left open by [`SledStore::reopen`].
+    reopens: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl SledStore {
@@ -94,45 +162,89 @@ impl SledStore {
 
     /// [`SledStore::open`] with sled's page cache held to `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()?;
-        let failure = Failure::default();
+        let db = open_sled(dir, cache_bytes)?;
         let store = SledStore {
-            db: std::sync::Arc::new(Db {
-                db: std::mem::ManuallyDrop::new(db),
-                failure: failure.clone(),
-            }),
+            db: std::sync::Arc::new(parking_lot::RwLock::new(std::sync::Arc::new(Db::new(db)))),
             dir: dir.to_owned(),
+            cache_bytes,
             spool: std::sync::Arc::new(Spool::open(dir.join("spool"))?),
             platter: std::sync::Arc::new(Platter::open(dir)?),
-            failure,
+            reopens: Default::default(),
         };
         store.reconcile_spool()?;
         store.index_ids_by_time()?;
         Ok(store)
     }
 
+    /// The open database, held for the length of one call. Recursive, so
+    /// a call may make another while a reopen waits.
+    fn db(&self) -> parking_lot::RwLockReadGuard<'_, std::sync::Arc<Db>> {
+        self.db.read_recursive()
+    }
+
+    /// Replaces a handle that failed a write with a fresh one on the same
+    /// files, in this process: sled recovers the log as it would after a
+    /// crash, which keeps everything that was durable. The failed handle is
+    /// left open (see [`Db`]) with its file lock released. Spool removals
+    /// that waited for a flush are dropped: their flush failed, and the
+    /// reconciliation at open removes whichever files no record names now.
+    ///
+    /// The caller must keep every other writer out meanwhile (the mailbox
+    /// actor waits for it, and group commit runs it between two flushes).
+    pub fn reopen_failed(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write();
+        let Some(reason) = slot.failure() else {
+            return Ok(());
+        };
+        let reopened = self.reopens.load(std::sync::atomic::Ordering::Relaxed);
+        if reopened >= MAX_REOPENS {
+            return Err(StoreError::Failed(format!(
+                "{reason}; already reopened {reopened} times, restart the server"
+            )));
+        }
+        release_file_lock(&self.dir.join("db"))?;
+        let fresh = open_sled(&self.dir, self.cache_bytes)?;
+        *slot = std::sync::Arc::new(Db::new(fresh));
+        self.reopens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop(slot);
+        self.spool.take_pending();
+        self.reconcile_spool()?;
+        self.flush()?;
+        log::info!("the store is open again after a failed write ({reason})");
+        Ok(())
+    }
+
     /// Gives every id record its `t` key, once per store: a store written
     /// before ids were kept in acceptance order.
     fn index_ids_by_time(&self) -> Result<(), StoreError> {
-        if self.db.contains_key(IDS_BY_TIME_BUILT)? {
+        let db = self.db();
+        if db.contains_key(IDS_BY_TIME_BUILT)? {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        let mut indexed = 0usize;
-        for item in self.db.scan_prefix([ID]) {
+        let (mut seen, mut indexed) = (0usize, 0usize);
+        for item in db.scan_prefix([ID]) {
             let (k, v) = item?;
+            seen += 1;
             let record: IdRecord = decode(&k, &v)?;
-            batch.insert(id_time_key(record.accepted_unix, &k[1..]), &[][..]);
+            let time_key = id_time_key(record.accepted_unix, &k[1..]);
+            if db.contains_key(&time_key)? {
+                continue;
+            }
+            batch.insert(time_key, &[][..]);
             indexed += 1;
             if indexed % 10_000 == 0 {
-                self.watch(self.db.apply_batch(std::mem::take(&mut batch)))?;
+                db.watch(db.apply_batch(std::mem::take(&mut batch)))?;
             }
         }
+        // A new store has nothing to index: it is marked at a later open,
+        // once it holds ids, so that opening an empty store writes nothing.
+        if seen == 0 {
+            return Ok(());
+        }
         batch.insert(IDS_BY_TIME_BUILT, &[][..]);
-        self.watch(self.db.apply_batch(batch))?;
+        db.watch(db.apply_batch(batch))?;
         self.flush()?;
         if indexed > 0 {
             log::info!("indexed {indexed} message ids by acceptance time");
@@ -173,6 +285,8 @@ impl SledStore {
     /// csm) with all its mailbox entries: it can never be delivered, and
     /// announcing it would have every receive of it fail for good.
     fn drop_lost_message(&self, seq: u64) -> Result<(), StoreError> {
+        let db = self.db();
+        db.usable()?;
         let header = self.message_header(seq)?;
         let mut batch = sled::Batch::default();
         batch.remove(seq_key(HEADER, seq));
@@ -193,12 +307,12 @@ impl SledStore {
             }
             None => log::error!("message {seq} has a data record but no header: dropping it"),
         }
-        self.watch(self.db.apply_batch(batch))
+        db.watch(db.apply_batch(batch))
     }
 
     fn spooled_seqs(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
-        self.db
-            .scan_prefix([SPOOLED])
+        let db = self.db();
+        db.scan_prefix([SPOOLED])
             .map(|item| {
                 let (k, _) = item?;
                 let seq: [u8; 8] = k[1..]
@@ -208,23 +322,32 @@ impl SledStore {
             })
             .collect()
     }
+}
 
-    /// Refuses to flush a failed store: sled would wait forever.
-    fn usable(&self) -> Result<(), StoreError> {
-        match failure_of(&self.failure) {
-            Some(reason) => Err(StoreError::Failed(reason)),
-            None => Ok(()),
+/// Releases sled's lock on the file at `path`, held by a handle this
+/// process leaves open after a failed write (see [`Db`]). sled takes an
+/// exclusive `flock` on its log, which belongs to the open file: every
+/// descriptor of this process open on the file is unlocked (unlocking one
+/// that holds no lock does nothing).
+fn release_file_lock(path: &Path) -> Result<(), StoreError> {
+    let target = path.canonicalize()?;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        if std::fs::read_link(entry.path()).ok().as_deref() != Some(target.as_path()) {
+            continue;
         }
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<std::os::fd::RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor number only changes its lock; a
+        // descriptor closed meanwhile fails with EBADF, which is ignored.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
     }
-
-    /// Remembers the first I/O error of a write.
-    fn watch<T>(&self, result: Result<T, sled::Error>) -> Result<T, StoreError> {
-        if let Err(sled::Error::Io(e)) = &result {
-            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-            failure.get_or_insert_with(|| e.to_string());
-        }
-        Ok(result?)
-    }
+    Ok(())
 }
 
 fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
@@ -280,37 +403,41 @@ impl Store for SledStore {
     }
 
     fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let db = self.db();
         let k = key(USER, name.as_bytes());
-        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+        db.read(db.get(&k))?.map(|v| decode(&k, &v)).transpose()
     }
 
     fn add_user(&self, name: &str, record: &UserRecord) -> Result<(), StoreError> {
+        let db = self.db();
+        db.usable()?;
         let k = key(USER, name.as_bytes());
-        match self
-            .db
-            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))?
-        {
+        match db.watch(db.compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record))))? {
             Ok(()) => Ok(()),
             Err(_) => Err(StoreError::UserExists(name.to_owned())),
         }
     }
 
     fn update_user(&self, name: &str, record: &UserRecord) -> Result<bool, StoreError> {
+        let db = self.db();
+        db.usable()?;
         let k = key(USER, name.as_bytes());
-        if self.db.get(&k)?.is_none() {
+        if db.get(&k)?.is_none() {
             return Ok(false);
         }
-        self.db.insert(k, encode(record))?;
+        db.watch(db.insert(k, encode(record)))?;
         Ok(true)
     }
 
     fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.db.remove(key(USER, name.as_bytes()))?.is_some())
+        let db = self.db();
+        db.usable()?;
+        Ok(db.watch(db.remove(key(USER, name.as_bytes())))?.is_some())
     }
 
     fn list_users(&self) -> Result<Vec<String>, StoreError> {
-        self.db
-            .scan_prefix([USER])
+        let db = self.db();
+        db.scan_prefix([USER])
             .map(|item| {
                 let (k, _) = item?;
                 String::from_utf8(k[1..].to_vec()).map_err(|_| corrupt(&k, "username not UTF-8"))
@@ -319,7 +446,8 @@ impl Store for SledStore {
     }
 
     fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        let db = self.db();
+        Ok(db.generate_id()?)
     }
 
     fn put_message(
@@ -329,6 +457,8 @@ impl Store for SledStore {
         data: &[u8],
         id_record: &IdRecord,
     ) -> Result<(), StoreError> {
+        let db = self.db();
+        db.usable()?;
         // A failed file write leaves the database untouched and usable.
         let spooled = data.len() >= SPOOL_FROM_BYTES;
         let mut batch = sled::Batch::default();
@@ -347,7 +477,7 @@ impl Store for SledStore {
             id_time_key(id_record.accepted_unix, header.id.as_bytes()),
             &[][..],
         );
-        let applied = self.watch(self.db.apply_batch(batch));
+        let applied = db.watch(db.apply_batch(batch));
         if applied.is_err() && spooled {
             self.spool.unlink(&[seq]);
         }
@@ -355,30 +485,34 @@ impl Store for SledStore {
     }
 
     fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError> {
+        let db = self.db();
         let k = seq_key(HEADER, seq);
-        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+        db.read(db.get(&k))?.map(|v| decode(&k, &v)).transpose()
     }
 
     fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(inline) = self.db.get(seq_key(DATA, seq))? {
+        let db = self.db();
+        if let Some(inline) = db.read(db.get(seq_key(DATA, seq)))? {
             return Ok(Some(inline.to_vec()));
         }
-        if !self.db.contains_key(seq_key(SPOOLED, seq))? {
+        if !db.read(db.contains_key(seq_key(SPOOLED, seq)))? {
             return Ok(None);
         }
         Ok(Some(self.spool.read(seq)?))
     }
 
     fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError> {
+        let db = self.db();
+        db.usable()?;
         let mut batch = sled::Batch::default();
         batch.remove(mailbox_key(user, seq));
-        let spooled = last && self.db.contains_key(seq_key(SPOOLED, seq))?;
+        let spooled = last && db.contains_key(seq_key(SPOOLED, seq))?;
         if last {
             batch.remove(seq_key(HEADER, seq));
             batch.remove(seq_key(DATA, seq));
             batch.remove(seq_key(SPOOLED, seq));
         }
-        self.watch(self.db.apply_batch(batch))?;
+        db.watch(db.apply_batch(batch))?;
         if spooled {
             self.spool.remove_after_flush(seq);
         }
@@ -386,8 +520,8 @@ impl Store for SledStore {
     }
 
     fn mailbox_entries(&self) -> Result<Vec<MailboxEntry>, StoreError> {
-        self.db
-            .scan_prefix([MAILBOX])
+        let db = self.db();
+        db.scan_prefix([MAILBOX])
             .map(|item| {
                 let (k, _) = item?;
                 let body = &k[1..];
@@ -407,8 +541,9 @@ impl Store for SledStore {
     }
 
     fn get_id(&self, id: &str) -> Result<Option<IdRecord>, StoreError> {
+        let db = self.db();
         let k = key(ID, id.as_bytes());
-        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
+        db.read(db.get(&k))?.map(|v| decode(&k, &v)).transpose()
     }
 
     fn ids_accepted_before(
@@ -417,14 +552,14 @@ impl Store for SledStore {
         after: Option<&DatedId>,
         limit: usize,
     ) -> Result<Vec<DatedId>, StoreError> {
+        let db = self.db();
         let end = seq_key(ID_BY_TIME, before_unix);
         let range = match after {
             Some(last) => {
                 let start = id_time_key(last.accepted_unix, last.id.as_bytes());
-                self.db
-                    .range::<&[u8], _>((Bound::Excluded(&start[..]), Bound::Excluded(&end[..])))
+                db.range::<&[u8], _>((Bound::Excluded(&start[..]), Bound::Excluded(&end[..])))
             }
-            None => self.db.range(vec![ID_BY_TIME]..end),
+            None => db.range(vec![ID_BY_TIME]..end),
         };
         let mut dated = Vec::new();
         for item in range.take(limit) {
@@ -446,25 +581,29 @@ impl Store for SledStore {
     }
 
     fn remove_id(&self, dated: &DatedId) -> Result<(), StoreError> {
+        let db = self.db();
+        db.usable()?;
         let mut batch = sled::Batch::default();
         batch.remove(key(ID, dated.id.as_bytes()));
         batch.remove(id_time_key(dated.accepted_unix, dated.id.as_bytes()));
-        self.watch(self.db.apply_batch(batch))
+        db.watch(db.apply_batch(batch))
     }
 
     fn write_out(&self) -> Result<WrittenOut, StoreError> {
-        self.usable()?;
+        let db = self.db();
+        db.usable()?;
         let removed_files = self.spool.take_pending();
-        self.watch(self.db.flush())?;
+        db.watch(db.flush())?;
         Ok(WrittenOut { removed_files })
     }
 
     fn make_durable(&self, written: Vec<WrittenOut>) -> Result<(), StoreError> {
+        let db = self.db();
         // sled's flush is not yet on the platter (see platter.rs). A failed
         // fsync leaves the page cache's state unknown (the kernel may have
         // dropped the dirty pages): treat it as sled's own write errors, a
         // failed store.
-        self.watch(self.platter.sync().map_err(sled::Error::Io))?;
+        db.watch(self.platter.sync().map_err(sled::Error::Io))?;
         // Only now are the removals durable, so their files may go.
         for done in written {
             self.spool.unlink(&done.removed_files);
@@ -473,12 +612,17 @@ impl Store for SledStore {
     }
 
     fn failed(&self) -> Option<String> {
-        failure_of(&self.failure)
+        self.db().failure()
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.reopen_failed()
     }
 
     fn backup(&self, dir: &Path) -> Result<(), StoreError> {
+        let db = self.db();
         let copy = sled::Config::new().path(dir).create_new(true).open()?;
-        copy.import(self.db.export());
+        copy.import(db.export());
         let spool = Spool::open(dir.join("spool"))?;
         for seq in self.spooled_seqs()? {
             self.spool.copy_to(seq, &spool)?;
@@ -518,14 +662,14 @@ mod tests {
         {
             let store = SledStore::open(dir.path()).unwrap();
             // A store as older servers wrote it: id records only.
-            store.db.remove(IDS_BY_TIME_BUILT).unwrap();
+            store.db().remove(IDS_BY_TIME_BUILT).unwrap();
             for (n, accepted) in [("old", 100), ("older", 50), ("new", 5_000)] {
                 let record = IdRecord {
                     accepted_unix: accepted,
                     ..id_record(1)
                 };
                 store
-                    .db
+                    .db()
                     .insert(key(ID, n.as_bytes()), encode(&record))
                     .unwrap();
             }
@@ -683,7 +827,7 @@ mod tests {
                 .unwrap();
             store.remove_entry("bob", 4, true).unwrap();
             // A crash after this flush, before the unlink, leaves the file.
-            store.db.flush().unwrap();
+            store.db().flush().unwrap();
             std::fs::write(dir.path().join("spool/not-a-spool-file"), b"x").unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
