@@ -201,6 +201,9 @@ impl Config {
         if l.message_bytes > i32::MAX as usize {
             bail!("limits.message_bytes must be below 2 GiB");
         }
+        if l.bytes_in_flight < l.message_bytes {
+            bail!("limits.bytes_in_flight must be at least limits.message_bytes");
+        }
         Ok(())
     }
 

@@ -1,6 +1,11 @@
 //! `csm serve`: open the store, start the actors, listen on both addresses
 //! and the admin socket, run until told to stop, then drain: stop
 //! accepting, let message streams in flight finish (bounded), flush.
+//!
+//! The accept loops run on the main arbiter with presence; each accepted
+//! connection is handed to one of the [`Workers`] (one arbiter per core, as
+//! actix-server does) and lives there, TLS, session actor and message
+//! stream alike, so that every core does network work.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -106,6 +111,7 @@ pub async fn run(
 
     let admin = AdminSocket::bind(&config::admin_socket(&config.data_dir), services.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = Arc::new(Workers::start(config.limits.network_threads()));
     let session_addr = session_listener.local_addr()?;
     let message_addr = message_listener.local_addr()?;
     let accept_session = actix_rt::spawn(accept_loop(
@@ -113,6 +119,7 @@ pub async fn run(
         Protocol::Session,
         acceptor.clone(),
         services.clone(),
+        workers.clone(),
         stop_rx.clone(),
     ));
     let accept_message = actix_rt::spawn(accept_loop(
@@ -120,6 +127,7 @@ pub async fn run(
         Protocol::Message,
         acceptor,
         services.clone(),
+        workers.clone(),
         stop_rx.clone(),
     ));
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
@@ -168,6 +176,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(services);
+    workers.stop();
     let closed = backend.close().await;
     let _ = std::fs::remove_file(config::admin_socket(&config.data_dir));
     log::info!("stopped: closed {sessions} sessions; {closed}");
@@ -273,11 +282,42 @@ fn notify_systemd(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// The arbiters that run connections, each on a thread of its own.
+struct Workers {
+    arbiters: Vec<actix::Arbiter>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    fn start(count: usize) -> Workers {
+        log::info!("{count} network threads");
+        Workers {
+            arbiters: (0..count.max(1)).map(|_| actix::Arbiter::new()).collect(),
+            next: Default::default(),
+        }
+    }
+
+    /// Runs `job` on the next worker in turn; false once they are stopped.
+    fn run(&self, job: impl FnOnce() + Send + 'static) -> bool {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        self.arbiters[turn].spawn_fn(job)
+    }
+
+    /// Stops the workers, dropping whatever still runs on them; called once
+    /// the connections are closed.
+    fn stop(&self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
     acceptor: TlsAcceptor,
     services: Arc<Services>,
+    workers: Arc<Workers>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -301,31 +341,64 @@ async fn accept_loop(
                 continue;
             }
         };
+        tune_socket(&stream, &services);
+        // A tokio socket belongs to the runtime that registered it: it
+        // crosses to the worker as a plain socket and is registered there.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::warn!("could not hand over the connection from {peer}: {e}");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let services = services.clone();
-        actix_rt::spawn(async move {
-            let _guard = guard;
-            tune_socket(&stream, &services);
-            let handshake =
-                tokio::time::timeout(services.timeouts.handshake(), acceptor.accept(stream));
-            let tls = match handshake.await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
-                    log::info!("TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
-                    log::info!("TLS handshake with {peer} timed out");
-                    return;
-                }
-            };
-            match protocol {
-                Protocol::Session => session::serve(tls, peer, services).await,
-                Protocol::Message => courier::serve(tls, peer, services).await,
-            }
+        let started = workers.run(move || {
+            actix_rt::spawn(serve_connection(
+                stream, peer, protocol, acceptor, services, guard,
+            ));
         });
+        if !started {
+            log::warn!("no network thread takes connections; closed {peer}");
+        }
+    }
+}
+
+/// One connection, on its worker: the TLS handshake (bounded), then the
+/// protocol of the port it came in on.
+async fn serve_connection(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    acceptor: TlsAcceptor,
+    services: Arc<Services>,
+    guard: csm_actors::services::ConnectionGuard,
+) {
+    let _guard = guard;
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            log::warn!("could not take over the connection from {peer}: {e}");
+            return;
+        }
+    };
+    let handshake = tokio::time::timeout(services.timeouts.handshake(), acceptor.accept(stream));
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
+            log::info!("TLS handshake with {peer} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
+            log::info!("TLS handshake with {peer} timed out");
+            return;
+        }
+    };
+    match protocol {
+        Protocol::Session => session::serve(tls, peer, services).await,
+        Protocol::Message => courier::serve(tls, peer, services).await,
     }
 }
 

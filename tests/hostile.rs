@@ -229,6 +229,79 @@ async fn the_login_throttle_follows_its_settings() {
     );
 }
 
+/// Message data of one attachment of `bytes` bytes, all `fill`.
+fn data_of(bytes: usize, fill: u8) -> Vec<u8> {
+    use csm_actors::proto::data::{Attachment, MessageData};
+    MessageData::new("", vec![Attachment::new("blob", vec![fill; bytes])])
+        .encode()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn message_bytes_in_flight_are_bounded_over_all_streams() {
+    let server = TestServer::start_with(|config| {
+        config.limits.message_bytes = 1 << 20;
+        config.limits.bytes_in_flight = 1 << 20;
+        config.timeouts.budget_wait_secs = 1;
+    });
+    for user in ["alice", "bob", "carol"] {
+        server.add_user(user, &password_of(user));
+    }
+    // carol's send holds 900 KiB of the 1 MiB budget and stalls.
+    let big = data_of(900 * 1024, 7);
+    let held = big.len() - 1000;
+    let mut carol = server
+        .connector
+        .connect(server.message_addr)
+        .await
+        .unwrap();
+    carol
+        .write_all(&send_request("carol", "held", &["bob"]))
+        .await
+        .unwrap();
+    carol.write_all(&big[..held]).await.unwrap();
+    carol.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // alice's 200 KiB do not fit: she is told so once the wait is over, and
+    // nothing of hers is kept.
+    let medium = data_of(200 * 1024, 9);
+    let started = Instant::now();
+    match server.send("alice", "medium", &["bob"], &medium).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.text.contains("bytes of messages in flight"), "{e}");
+        }
+        other => panic!("a send past the budget is refused: {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(matches!(
+        server.receive("bob", "medium").await,
+        Err(ClientError::Refused(e)) if e.code == ErrorCode::NoSuchMessage
+    ));
+    // A small message still fits beside carol's.
+    server
+        .send("alice", "small", &["bob"], &sample_data("small"))
+        .await
+        .unwrap();
+
+    // carol finishes: her message is stored whole, and her bytes come free.
+    carol.write_all(&big[held..]).await.unwrap();
+    carol.flush().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, carol.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), "done\n");
+    server
+        .send("alice", "medium", &["bob"], &medium)
+        .await
+        .unwrap();
+    assert_eq!(server.receive("bob", "held").await.unwrap().data, big);
+    assert_eq!(server.receive("bob", "medium").await.unwrap().data, medium);
+}
+
 #[tokio::test]
 async fn guessing_a_password_is_slowed_then_refused_from_that_address() {
     let server = TestServer::start();

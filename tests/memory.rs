@@ -276,3 +276,91 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
 fn server_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Receivers that ask for a large message and do not read it cost the
+/// server a buffer each, not a copy of the message: large data is
+/// streamed from its file.
+#[tokio::test]
+async fn slow_receivers_of_a_large_message_hold_no_copy_of_it() {
+    const RECEIVERS: usize = 8;
+    const BOUND: u64 = 40 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    for user in ["alice", "bob"] {
+        add_user(dir.path(), user);
+    }
+    let server = start_binary(dir.path());
+    let pid = server.child.id();
+    let connector = Connector::for_data_dir(dir.path()).unwrap();
+    let large = csm_actors::proto::data::MessageData::new(
+        "large",
+        vec![csm_actors::proto::data::Attachment::new(
+            "large",
+            vec![3; 15 << 20],
+        )],
+    )
+    .encode()
+    .unwrap();
+    let recipients = vec!["bob".to_string()];
+    let pw = password_of("alice");
+    csm::client::send_message(
+        &connector,
+        server.message,
+        &csm::client::Outgoing {
+            username: "alice",
+            password: &pw,
+            id: "large",
+            recipients: &recipients,
+            data: &large,
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = status_kib(pid, "VmRSS:") << 10;
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+
+    let mut receivers = Vec::new();
+    for _ in 0..RECEIVERS {
+        let mut stream = connector.connect(server.message).await.unwrap();
+        let request = csm_actors::proto::lines::Header {
+            username: "bob".into(),
+            password: password_of("bob"),
+            message_id: "large".into(),
+            action: csm_actors::proto::lines::Action::Receive,
+        }
+        .to_lines();
+        stream.write_all(&request).await.unwrap();
+        stream.flush().await.unwrap();
+        receivers.push(stream);
+    }
+    // Each stream has filled what the kernel buffers and waits on its peer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peak = status_kib(pid, "VmHWM:") << 10;
+    eprintln!(
+        "{RECEIVERS} unread receives of {} MiB: baseline {} KiB, peak {} KiB",
+        large.len() >> 20,
+        baseline >> 10,
+        peak >> 10
+    );
+    assert!(
+        peak <= baseline + BOUND,
+        "peak resident set {peak} bytes over a baseline of {baseline}: \
+         the receives hold copies of the message"
+    );
+    // Each of them still gets the whole message when it reads.
+    let mut first = receivers.swap_remove(0);
+    drop(receivers);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    // The answer's lines, then the data.
+    while got.len() < large.len() || !got.ends_with(&large) {
+        assert!(got.len() < large.len() + 4096, "the message comes whole");
+        let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the stream ended after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    server.kill();
+}

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::messages::{Deliver, Fetch, Remove};
-use crate::proto::data::{read_data, DataError, ReadDataError};
+use crate::store::MessageBody;
+use crate::budget::Reservation;
+use crate::proto::data::{read_data_within, DataError, ReadDataError};
 use crate::proto::lines::{
     read_line, recipients_block, Action, ErrorCode, Header, LineError, StreamError, DONE,
 };
@@ -224,7 +226,10 @@ where
                 "expected the byte c after the empty line",
             ));
         }
-        let data = self.data().await?;
+        // Held until the mailbox has the message: the data is in memory
+        // until then.
+        let mut reservation = self.services.budget.reservation();
+        let data = self.data(&mut reservation).await?;
         self.storing.set(true);
         let delivered = self
             .services
@@ -237,6 +242,7 @@ where
             })
             .await
             .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))?;
+        drop(reservation);
         delivered?;
         self.write(DONE).await
     }
@@ -296,13 +302,18 @@ where
         Ok(recipients)
     }
 
-    /// Reads the message data, mapping each failure to its error code.
-    async fn data(&mut self) -> Result<Vec<u8>, Fail> {
+    /// Reads the message data within the server's budget of bytes in
+    /// flight, mapping each failure to its error code.
+    async fn data(&mut self, reservation: &mut Reservation) -> Result<Vec<u8>, Fail> {
         let limits = self.services.limits.data();
         let stall = self.services.timeouts.read();
-        read_data(self.reader, limits, stall)
+        read_data_within(self.reader, limits, stall, Some(reservation))
             .await
             .map_err(|e| match e {
+                ReadDataError::Budget(e) => {
+                    metrics::counter!(crate::metrics::SENDS_REFUSED_BUDGET).increment(1);
+                    answer(ErrorCode::Unavailable, format!("{e}; try again"))
+                }
                 ReadDataError::Data(DataError::Malformed(text)) => {
                     answer(ErrorCode::Malformed, text)
                 }
@@ -330,8 +341,10 @@ where
         .to_lines();
         head.extend_from_slice(&recipients_block(&fetched.header.recipients));
         self.write(&head).await?;
-        self.write(&fetched.data).await?;
-        drop(fetched);
+        match fetched.data {
+            MessageBody::Bytes(data) => self.write(&data).await?,
+            MessageBody::File { file, len } => self.stream_file(file, len).await?,
+        }
         let line = self.line().await?;
         if line != "done" {
             return Err(answer(ErrorCode::Malformed, "expected done"));
@@ -345,6 +358,25 @@ where
             .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))??;
         metrics::counter!(crate::metrics::MESSAGES_DELIVERED).increment(1);
         Ok(())
+    }
+
+    /// Streams large data from its file, 64 KiB at a time, so that a
+    /// receive holds no copy of the message however large it is.
+    async fn stream_file(&mut self, file: std::fs::File, len: u64) -> Result<(), Fail> {
+        let file = tokio::fs::File::from_std(file);
+        let mut from = BufReader::with_capacity(64 * 1024, file.take(len));
+        let copied = tokio::io::copy_buf(&mut from, self.writer)
+            .await
+            .map_err(|e| Fail::Gone(format!("streaming the message: {e}")))?;
+        if copied != len {
+            // The answer has begun: the stream can only be cut short.
+            log::error!("message file ended after {copied} of {len} bytes");
+            return Err(Fail::Gone("the message file ended early".to_owned()));
+        }
+        self.writer
+            .flush()
+            .await
+            .map_err(|e| Fail::Gone(format!("write failed: {e}")))
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Fail> {

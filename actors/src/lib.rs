@@ -2,6 +2,7 @@
 //! (sessions, presence, mailboxes, message-stream couriers).
 
 pub mod auth;
+pub mod budget;
 pub mod cluster;
 pub mod courier;
 pub mod mailbox;

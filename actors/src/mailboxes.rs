@@ -488,7 +488,7 @@ impl Mailboxes {
     pub fn fetch(&self, user: &str, id: &str) -> Result<Fetched, StreamError> {
         let seq = self.seq_of(user, id).ok_or_else(no_such_message)?;
         let header = self.store.message_header(seq).map_err(internal)?;
-        let data = self.store.message_data(seq).map_err(internal)?;
+        let data = self.store.message_body(seq).map_err(internal)?;
         match (header, data) {
             (Some(header), Some(data)) => Ok(Fetched { header, data }),
             _ => Err(internal(format!("message {seq} is indexed but not stored"))),
@@ -572,12 +572,18 @@ impl Mailboxes {
         let mut items = Vec::new();
         for user in users {
             for entry in self.committed(user) {
-                let fetched = self.fetch(user, &entry.id)?;
+                let mut fetched = self.fetch(user, &entry.id)?;
                 let limits = DataLimits {
                     max_bytes: usize::MAX,
                     max_attachments: usize::MAX,
                 };
-                let attachments = MessageData::parse(&fetched.data, limits)
+                let data = std::mem::replace(
+                    &mut fetched.data,
+                    crate::store::MessageBody::Bytes(Vec::new()),
+                )
+                .into_bytes()
+                .map_err(internal)?;
+                let attachments = MessageData::parse(&data, limits)
                     .map(|data| {
                         data.attachments
                             .iter()

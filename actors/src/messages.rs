@@ -120,7 +120,7 @@ pub struct Deliver {
 #[derive(Debug)]
 pub struct Fetched {
     pub header: MessageHeader,
-    pub data: Vec<u8>,
+    pub data: crate::store::MessageBody,
 }
 
 /// Reads a message from a user's mailbox.

@@ -36,5 +36,8 @@ pub const HANDSHAKE_FAILURES: &str = "csm_handshake_failures_total";
 pub const STREAM_ERRORS: &str = "csm_message_stream_errors_total";
 /// Counter: sends refused because the store's disk is down to its reserve.
 pub const SENDS_REFUSED_DISK_LOW: &str = "csm_sends_refused_disk_low_total";
+/// Counter: sends refused because the budget of message bytes in flight
+/// had no room for them.
+pub const SENDS_REFUSED_BUDGET: &str = "csm_sends_refused_budget_total";
 /// Gauge: free bytes on the store's filesystem, at each send and every 10 s.
 pub const DISK_FREE_BYTES: &str = "csm_disk_free_bytes";

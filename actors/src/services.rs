@@ -39,6 +39,8 @@ pub struct Services {
     pub per_address: Mutex<HashMap<IpAddr, usize>>,
     /// Failed-login throttling, both protocols.
     pub throttle: LoginThrottle,
+    /// Message bytes in flight over every message stream.
+    pub budget: crate::budget::ByteBudget,
 }
 
 /// What an open store gives the connection handlers.
@@ -62,6 +64,7 @@ impl Services {
             shared_db,
         } = backing;
         let throttle = LoginThrottle::new(limits.throttle(&timeouts));
+        let budget = limits.byte_budget(&timeouts);
         Services {
             limits,
             timeouts,
@@ -75,6 +78,7 @@ impl Services {
             connections: AtomicUsize::new(0),
             per_address: Default::default(),
             throttle,
+            budget,
         }
     }
 

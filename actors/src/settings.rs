@@ -60,6 +60,12 @@ pub struct Limits {
     pub login_throttle_entries: usize,
     /// Password checks (argon2) at once; 0 means one per core.
     pub password_checks: usize,
+    /// Threads that run connections (TLS, sessions, message streams); 0
+    /// means one per core.
+    pub network_threads: usize,
+    /// Message data held in memory at once over all message streams
+    /// (sends being read); at least `message_bytes`.
+    pub bytes_in_flight: usize,
     /// Verified credentials remembered, so that a client's many message
     /// streams do not each cost an argon2 run.
     pub credential_cache_entries: usize,
@@ -91,6 +97,8 @@ impl Default for Limits {
             login_address_lockout: 50,
             login_throttle_entries: 100_000,
             password_checks: 0,
+            network_threads: 0,
+            bytes_in_flight: 256 << 20,
             credential_cache_entries: 100_000,
             linger_bytes: 32 << 20,
         }
@@ -139,6 +147,8 @@ pub struct Timeouts {
     pub password_check_wait_secs: u64,
     /// After an error answer, how long unread input is drained.
     pub linger_secs: u64,
+    /// How long a send waits for room in `limits.bytes_in_flight`.
+    pub budget_wait_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -158,6 +168,7 @@ impl Default for Timeouts {
             login_delay_max_ms: 4000,
             password_check_wait_secs: 10,
             linger_secs: 2,
+            budget_wait_secs: 10,
         }
     }
 }
@@ -212,6 +223,19 @@ impl Limits {
             window: secs(timeouts.login_lockout_secs),
             max_delay: Duration::from_millis(timeouts.login_delay_max_ms),
             max_entries: self.login_throttle_entries,
+        }
+    }
+
+    /// The budget of message bytes in flight these settings describe.
+    pub fn byte_budget(&self, timeouts: &Timeouts) -> crate::budget::ByteBudget {
+        crate::budget::ByteBudget::new(self.bytes_in_flight, secs(timeouts.budget_wait_secs))
+    }
+
+    /// How many threads run connections.
+    pub fn network_threads(&self) -> usize {
+        match self.network_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
         }
     }
 

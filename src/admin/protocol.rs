@@ -159,7 +159,11 @@ impl MessageView {
             max_bytes: usize::MAX,
             max_attachments: usize::MAX,
         };
-        let data = MessageData::parse(&fetched.data, limits)
+        let bytes = fetched
+            .data
+            .into_bytes()
+            .map_err(|e| Failure::internal(format!("reading the stored data: {e}")))?;
+        let data = MessageData::parse(&bytes, limits)
             .map_err(|e| Failure::internal(format!("stored data does not parse: {e}")))?;
         let engine = base64::engine::general_purpose::STANDARD;
         Ok(MessageView {

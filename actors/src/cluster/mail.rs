@@ -275,7 +275,7 @@ impl PgMail {
                 size: row.get::<_, i64>(2) as u64,
                 stored_unix: row.get::<_, i64>(3) as u64,
             },
-            data: row.get(4),
+            data: crate::store::MessageBody::Bytes(row.get(4)),
         })
     }
 

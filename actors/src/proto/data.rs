@@ -340,6 +340,9 @@ pub enum ReadDataError {
     Stalled(Duration),
     #[error("i/o error: {0}")]
     Io(io::Error),
+    /// The server's budget of message bytes in flight has no room.
+    #[error(transparent)]
+    Budget(#[from] crate::budget::BudgetError),
 }
 
 /// Reads exactly one message's data from `reader`, checking it as it
@@ -348,6 +351,17 @@ pub async fn read_data<R: AsyncRead + Unpin>(
     reader: &mut R,
     limits: DataLimits,
     stall: Duration,
+) -> Result<Vec<u8>, ReadDataError> {
+    read_data_within(reader, limits, stall, None).await
+}
+
+/// [`read_data`], reserving every byte from `budget` before the buffer
+/// grows to hold it.
+pub async fn read_data_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: DataLimits,
+    stall: Duration,
+    mut budget: Option<&mut crate::budget::Reservation>,
 ) -> Result<Vec<u8>, ReadDataError> {
     let mut scanner = DataScanner::new(limits);
     let mut data = Vec::new();
@@ -358,6 +372,14 @@ pub async fn read_data<R: AsyncRead + Unpin>(
         } else {
             need
         };
+        // The buffer briefly holds `want` bytes; what a read leaves unused
+        // stays reserved for the next one.
+        if let Some(budget) = budget.as_deref_mut() {
+            let held = budget.held();
+            if start + want > held {
+                budget.grow(start + want - held).await?;
+            }
+        }
         data.resize(start + want, 0);
         let mut filled = 0;
         // Fields are read whole; a body may be fed in pieces.

@@ -115,6 +115,47 @@ pub struct DatedId {
     pub seq: Option<u64>,
 }
 
+/// A stored message's data: in memory, or (large data kept in a file of
+/// its own) the open file, for a receive to stream from without a copy in
+/// memory. A file stays readable when its message is removed meanwhile.
+#[derive(Debug)]
+pub enum MessageBody {
+    Bytes(Vec<u8>),
+    File { file: std::fs::File, len: u64 },
+}
+
+impl MessageBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            MessageBody::Bytes(bytes) => bytes.len() as u64,
+            MessageBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The data in memory (a file is read whole).
+    pub fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            MessageBody::Bytes(bytes) => Ok(bytes),
+            MessageBody::File { file, len } => {
+                use std::io::Read;
+                let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                file.take(len).read_to_end(&mut bytes)?;
+                if bytes.len() as u64 != len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("message file holds {} of {len} bytes", bytes.len()),
+                    ));
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
 /// One waiting message in one user's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxEntry {
@@ -156,7 +197,15 @@ pub trait Store: Send + Sync + 'static {
         id_record: &IdRecord,
     ) -> Result<(), StoreError>;
     fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError>;
-    fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A message's data, in memory or as its open file.
+    fn message_body(&self, seq: u64) -> Result<Option<MessageBody>, StoreError>;
+    /// A message's data, in memory.
+    fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.message_body(seq)? {
+            Some(body) => Ok(Some(body.into_bytes()?)),
+            None => Ok(None),
+        }
+    }
     /// Removes one mailbox entry, and the message itself when `last` says
     /// no other mailbox holds it.
     fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError>;

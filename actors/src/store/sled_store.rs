@@ -26,7 +26,8 @@ use serde::Serialize;
 use super::platter::Platter;
 use super::spool::{Spool, SPOOL_FROM_BYTES};
 use super::{
-    DatedId, IdRecord, MailboxEntry, MessageHeader, Store, StoreError, UserRecord, WrittenOut,
+    DatedId, IdRecord, MailboxEntry, MessageBody, MessageHeader, Store, StoreError, UserRecord,
+    WrittenOut,
 };
 
 const USER: u8 = b'u';
@@ -490,15 +491,16 @@ impl Store for SledStore {
         db.read(db.get(&k))?.map(|v| decode(&k, &v)).transpose()
     }
 
-    fn message_data(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn message_body(&self, seq: u64) -> Result<Option<MessageBody>, StoreError> {
         let db = self.db();
         if let Some(inline) = db.read(db.get(seq_key(DATA, seq)))? {
-            return Ok(Some(inline.to_vec()));
+            return Ok(Some(MessageBody::Bytes(inline.to_vec())));
         }
         if !db.read(db.contains_key(seq_key(SPOOLED, seq)))? {
             return Ok(None);
         }
-        Ok(Some(self.spool.read(seq)?))
+        let (file, len) = self.spool.open_data(seq)?;
+        Ok(Some(MessageBody::File { file, len }))
     }
 
     fn remove_entry(&self, user: &str, seq: u64, last: bool) -> Result<(), StoreError> {

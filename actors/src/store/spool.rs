@@ -60,6 +60,13 @@ impl Spool {
         fs::read(self.path(seq))
     }
 
+    /// The file of message `seq`, open for reading, and its length.
+    pub fn open_data(&self, seq: u64) -> io::Result<(File, u64)> {
+        let file = File::open(self.path(seq))?;
+        let len = file.metadata()?.len();
+        Ok((file, len))
+    }
+
     /// Unlinks the file of `seq` once the next flush has completed.
     pub fn remove_after_flush(&self, seq: u64) {
         self.pending().push(seq);
