@@ -8,9 +8,11 @@ use csm::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A client's standard error is its user's terminal: only warnings there.
+    // A client's or an admin's standard error is its user's terminal: only
+    // warnings there (an admin run without a server opens the store with
+    // the server's own actors, which log their start at info).
     let default_level = match cli.command {
-        Command::Client(_) => "warn",
+        Command::Client(_) | Command::Admin(_) => "warn",
         _ => "info",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))

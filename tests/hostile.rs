@@ -250,11 +250,7 @@ async fn message_bytes_in_flight_are_bounded_over_all_streams() {
     // carol's send holds 900 KiB of the 1 MiB budget and stalls.
     let big = data_of(900 * 1024, 7);
     let held = big.len() - 1000;
-    let mut carol = server
-        .connector
-        .connect(server.message_addr)
-        .await
-        .unwrap();
+    let mut carol = server.connector.connect(server.message_addr).await.unwrap();
     carol
         .write_all(&send_request("carol", "held", &["bob"]))
         .await

@@ -69,15 +69,23 @@ async fn flood<S: AsyncWriteExt + Unpin>(stream: &mut S, prefix: &[u8]) -> usize
     written
 }
 
-/// Sends alice → bob and waits for bob's notice.
-async fn still_serving(
+/// Message data: `text` and one attachment of `bytes` bytes, all `fill`.
+fn one_attachment(text: &str, bytes: usize, fill: u8) -> Vec<u8> {
+    use csm_actors::proto::data::{Attachment, MessageData};
+    MessageData::new(text, vec![Attachment::new(text, vec![fill; bytes])])
+        .encode()
+        .unwrap()
+}
+
+/// alice sends `data` to `to` as `id`, and the server says `done`.
+async fn alice_sends(
     connector: &Connector,
     addr: std::net::SocketAddr,
-    bob: &mut SessionClient,
+    to: &str,
     id: &str,
     data: &[u8],
 ) {
-    let recipients = vec!["bob".to_string()];
+    let recipients = vec![to.to_string()];
     let pw = password_of("alice");
     let outgoing = csm::client::Outgoing {
         username: "alice",
@@ -89,6 +97,30 @@ async fn still_serving(
     csm::client::send_message(connector, addr, &outgoing)
         .await
         .unwrap();
+}
+
+/// Asks for message `id` of `user` on a message stream, and reads nothing.
+async fn ask_to_receive<S: AsyncWriteExt + Unpin>(stream: &mut S, user: &str, id: &str) {
+    let request = csm_actors::proto::lines::Header {
+        username: user.into(),
+        password: password_of(user),
+        message_id: id.into(),
+        action: csm_actors::proto::lines::Action::Receive,
+    }
+    .to_lines();
+    stream.write_all(&request).await.unwrap();
+    stream.flush().await.unwrap();
+}
+
+/// Sends alice → bob and waits for bob's notice.
+async fn still_serving(
+    connector: &Connector,
+    addr: std::net::SocketAddr,
+    bob: &mut SessionClient,
+    id: &str,
+    data: &[u8],
+) {
+    alice_sends(connector, addr, "bob", id, data).await;
     loop {
         match bob.next_packet(WAIT).await.unwrap() {
             Some(Packet::MessageAvailable { id: got, .. }) if got == id => break,
@@ -114,15 +146,7 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
     let mut bob = SessionClient::login(&connector, server.session, "bob", &password_of("bob"))
         .await
         .unwrap();
-    let big = csm_actors::proto::data::MessageData::new(
-        "warm-up",
-        vec![csm_actors::proto::data::Attachment::new(
-            "big",
-            vec![7; 1 << 20],
-        )],
-    )
-    .encode()
-    .unwrap();
+    let big = one_attachment("warm-up", 1 << 20, 7);
     for n in 0..10 {
         still_serving(
             &connector,
@@ -205,32 +229,10 @@ async fn memory_stays_flat_under_floods_and_silent_connections() {
 
         // A receiver that asks for 1 MiB and never reads it.
         let id = format!("unread-{round}");
-        let recipients = vec!["mallory".to_string()];
-        let pw = password_of("alice");
-        csm::client::send_message(
-            &connector,
-            server.message,
-            &csm::client::Outgoing {
-                username: "alice",
-                password: &pw,
-                id: &id,
-                recipients: &recipients,
-                data: &big,
-            },
-        )
-        .await
-        .unwrap();
+        alice_sends(&connector, server.message, "mallory", &id, &big).await;
         let tcp = TcpStream::connect(server.message).await.unwrap();
         let mut never_reads = connector.handshake(tcp).await.unwrap();
-        let request = csm_actors::proto::lines::Header {
-            username: "mallory".into(),
-            password: password_of("mallory"),
-            message_id: id.clone(),
-            action: csm_actors::proto::lines::Action::Receive,
-        }
-        .to_lines();
-        never_reads.write_all(&request).await.unwrap();
-        never_reads.flush().await.unwrap();
+        ask_to_receive(&mut never_reads, "mallory", &id).await;
 
         still_serving(
             &connector,
@@ -291,30 +293,8 @@ async fn slow_receivers_of_a_large_message_hold_no_copy_of_it() {
     let server = start_binary(dir.path());
     let pid = server.child.id();
     let connector = Connector::for_data_dir(dir.path()).unwrap();
-    let large = csm_actors::proto::data::MessageData::new(
-        "large",
-        vec![csm_actors::proto::data::Attachment::new(
-            "large",
-            vec![3; 15 << 20],
-        )],
-    )
-    .encode()
-    .unwrap();
-    let recipients = vec!["bob".to_string()];
-    let pw = password_of("alice");
-    csm::client::send_message(
-        &connector,
-        server.message,
-        &csm::client::Outgoing {
-            username: "alice",
-            password: &pw,
-            id: "large",
-            recipients: &recipients,
-            data: &large,
-        },
-    )
-    .await
-    .unwrap();
+    let large = one_attachment("large", 15 << 20, 3);
+    alice_sends(&connector, server.message, "bob", "large", &large).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = status_kib(pid, "VmRSS:") << 10;
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
@@ -322,15 +302,7 @@ async fn slow_receivers_of_a_large_message_hold_no_copy_of_it() {
     let mut receivers = Vec::new();
     for _ in 0..RECEIVERS {
         let mut stream = connector.connect(server.message).await.unwrap();
-        let request = csm_actors::proto::lines::Header {
-            username: "bob".into(),
-            password: password_of("bob"),
-            message_id: "large".into(),
-            action: csm_actors::proto::lines::Action::Receive,
-        }
-        .to_lines();
-        stream.write_all(&request).await.unwrap();
-        stream.flush().await.unwrap();
+        ask_to_receive(&mut stream, "bob", "large").await;
         receivers.push(stream);
     }
     // Each stream has filled what the kernel buffers and waits on its peer.

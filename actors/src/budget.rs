@@ -79,13 +79,11 @@ impl Reservation {
             total: budget.total,
             wait_secs: budget.wait.as_secs(),
         };
-        let permit = tokio::time::timeout(
-            budget.wait,
-            budget.bytes.clone().acquire_many_owned(asked),
-        )
-        .await
-        .map_err(|_| exhausted())?
-        .map_err(|_| exhausted())?;
+        let permit =
+            tokio::time::timeout(budget.wait, budget.bytes.clone().acquire_many_owned(asked))
+                .await
+                .map_err(|_| exhausted())?
+                .map_err(|_| exhausted())?;
         match &mut self.held {
             Some(held) => held.merge(permit),
             none => *none = Some(permit),

@@ -12,15 +12,15 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::messages::{Deliver, Fetch, Remove};
-use crate::store::MessageBody;
 use crate::budget::Reservation;
+use crate::messages::{Deliver, Fetch, Remove};
 use crate::proto::data::{read_data_within, DataError, ReadDataError};
 use crate::proto::lines::{
     read_line, recipients_block, Action, ErrorCode, Header, LineError, StreamError, DONE,
 };
 use crate::proto::names::{valid_message_id, valid_username};
 use crate::services::{LoginOutcome, OwnedCountGuard, Services};
+use crate::store::MessageBody;
 
 /// The one answer for an unknown user and a wrong password.
 pub const AUTH_REFUSED: &str = "unknown user or wrong password";

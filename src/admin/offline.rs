@@ -1,18 +1,16 @@
-//! The admin operations run directly on the store, when no server runs.
-//! Mailboxes change through the same `Mailboxes` code the server uses.
+//! The admin operations run directly on the embedded store, when no server
+//! runs: the store is opened in this process with the same actors a server
+//! starts on it (`crate::backend`), and the request goes through the same
+//! dispatch the admin socket uses, so both answer alike.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use csm_actors::auth::hash_password;
-use csm_actors::mailboxes::{MailboxSettings, Mailboxes};
-use csm_actors::store::{unix_now, SledStore, Store, StoreError, UserRecord};
+use csm_actors::services::Services;
+use csm_actors::store::StoreError;
 
-use super::protocol::{
-    backup_target, backup_tls, check_new_user, check_password, cutoff, Failure, MessageView,
-    Outcome, Reply, Request, UserRow,
-};
-use crate::config::store_dir;
+use super::protocol::{Failure, Outcome, Reply, Request, UserRow};
+use crate::backend::Opened;
+use crate::config::Config;
 
 const LOCKED_MARK: &str = "store is locked";
 
@@ -21,147 +19,65 @@ pub fn is_locked(failure: &Failure) -> bool {
     failure.message.contains(LOCKED_MARK)
 }
 
-fn open(data_dir: &Path) -> Result<Arc<SledStore>, Failure> {
-    let dir = store_dir(data_dir);
-    SledStore::open(&dir).map(Arc::new).map_err(|e| {
-        if e.is_locked() {
-            Failure::internal(format!("{LOCKED_MARK}: {e}"))
-        } else {
-            Failure::internal(format!("opening the store in {}: {e}", dir.display()))
-        }
+/// Runs `request` on the store in `data_dir`, on an actix system of its
+/// own (on a thread of its own, so that it may be called from inside
+/// another runtime too).
+pub fn execute(data_dir: &Path, request: Request) -> Outcome {
+    if let Request::Sessions = request {
+        return Err(Failure::refused(
+            "no server is running, so there are no sessions",
+        ));
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| actix::System::new().block_on(run(data_dir, request)))
+            .join()
+            .unwrap_or_else(|_| Err(Failure::internal("the admin thread panicked")))
     })
 }
 
-fn mailboxes(store: &Arc<SledStore>) -> Result<Mailboxes, Failure> {
-    // Quotas do not matter here: the offline admin only reads and deletes.
-    Mailboxes::load(store.clone(), MailboxSettings::default()).map_err(Failure::internal)
-}
-
-fn flushed(store: &SledStore, message: String) -> Outcome {
-    store.flush().map_err(Failure::internal)?;
-    Ok(Reply::Done { message })
-}
-
-/// Runs `request` on the store in `data_dir`.
-pub fn execute(data_dir: &Path, request: Request) -> Outcome {
-    let store = match request {
-        Request::Sessions => {
-            return Err(Failure::refused(
-                "no server is running, so there are no sessions",
-            ))
-        }
-        _ => open(data_dir)?,
+async fn run(data_dir: &Path, request: Request) -> Outcome {
+    let mut config = Config {
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
     };
-    match request {
-        Request::UserAdd { name, password } => {
-            check_new_user(&name, &password)?;
-            if store.get_user(&name).map_err(Failure::internal)?.is_some() {
-                return Err(Failure::refused(format!("user {name} already exists")));
-            }
-            let hash = hash_password(&password).map_err(Failure::internal)?;
-            let record = UserRecord {
-                password_hash: hash,
-                created_unix: unix_now(),
-            };
-            match store.add_user(&name, &record) {
-                Ok(()) => {}
-                Err(StoreError::UserExists(_)) => {
-                    return Err(Failure::refused(format!("user {name} already exists")))
+    // One password to hash at most: one argon2 thread is enough.
+    config.limits.password_checks = 1;
+    let opened =
+        Opened::open(&config, 0)
+            .await
+            .map_err(|e| match e.downcast_ref::<StoreError>() {
+                Some(store) if store.is_locked() => {
+                    Failure::internal(format!("{LOCKED_MARK}: {e:#}"))
                 }
-                Err(e) => return Err(Failure::internal(e)),
-            }
-            flushed(&store, format!("user {name} added"))
-        }
-        Request::UserRemove { name } => {
-            if !store.remove_user(&name).map_err(Failure::internal)? {
-                return Err(Failure::not_found(format!("no user {name}")));
-            }
-            let dropped = mailboxes(&store)?
-                .purge(&name, None)
-                .map_err(Failure::from_stream)?;
-            flushed(
-                &store,
-                format!("user {name} removed ({dropped} waiting messages deleted)"),
-            )
-        }
-        Request::UserPasswd { name, password } => {
-            check_password(&password)?;
-            let Some(mut record) = store.get_user(&name).map_err(Failure::internal)? else {
-                return Err(Failure::not_found(format!("no user {name}")));
-            };
-            record.password_hash = hash_password(&password).map_err(Failure::internal)?;
-            store
-                .update_user(&name, &record)
-                .map_err(Failure::internal)?;
-            flushed(&store, format!("password of {name} changed"))
-        }
-        Request::UserList => {
-            let users = store
-                .list_users()
-                .map_err(Failure::internal)?
+                _ => Failure::internal(format!("{e:#}")),
+            })?;
+    let services = Services::new(
+        config.limits.clone(),
+        config.timeouts.clone(),
+        opened.backing.clone(),
+    );
+    let outcome = super::socket::execute(request, &services, data_dir).await;
+    drop(services);
+    opened.close().await;
+    outcome.map(without_presence)
+}
+
+/// No server runs, so the user list says nothing of presence.
+fn without_presence(reply: Reply) -> Reply {
+    match reply {
+        Reply::Users { users, .. } => Reply::Users {
+            live: false,
+            users: users
                 .into_iter()
-                .map(|name| UserRow {
-                    name,
+                .map(|row| UserRow {
                     status: None,
                     idle_secs: None,
                     sessions: 0,
+                    ..row
                 })
-                .collect();
-            Ok(Reply::Users { live: false, users })
-        }
-        Request::MailboxList { user } => {
-            let items = mailboxes(&store)?
-                .list(user.as_deref())
-                .map_err(Failure::from_stream)?;
-            Ok(Reply::Mailbox { items })
-        }
-        Request::MailboxShow {
-            user,
-            id,
-            with_data,
-        } => {
-            let fetched = mailboxes(&store)?
-                .fetch(&user, &id)
-                .map_err(Failure::from_stream)?;
-            Ok(Reply::Message {
-                message: MessageView::new(fetched, with_data)?,
-            })
-        }
-        Request::MailboxDelete { user, id } => {
-            if !mailboxes(&store)?
-                .remove(&user, &id)
-                .map_err(Failure::from_stream)?
-            {
-                return Err(Failure::not_found(format!(
-                    "no message {id} in the mailbox of {user}"
-                )));
-            }
-            flushed(
-                &store,
-                format!("message {id} deleted from the mailbox of {user}"),
-            )
-        }
-        Request::MailboxPurge {
-            user,
-            older_than_secs,
-        } => {
-            let purged = mailboxes(&store)?
-                .purge(&user, cutoff(older_than_secs))
-                .map_err(Failure::from_stream)?;
-            flushed(
-                &store,
-                format!("{purged} messages purged from the mailbox of {user}"),
-            )
-        }
-        Request::MailboxStats => Ok(Reply::stats(mailboxes(&store)?.stats())),
-        Request::Backup { dir } => {
-            let target = backup_target(&dir)?;
-            store.backup(&target).map_err(Failure::internal)?;
-            backup_tls(data_dir, &dir)?;
-            Ok(Reply::Done {
-                message: format!("backup written to {dir}"),
-            })
-        }
-        Request::Sessions => Err(Failure::refused("no server is running")),
+                .collect(),
+        },
+        other => other,
     }
 }
