@@ -2,10 +2,13 @@
 //! and the admin socket, run until told to stop, then drain: stop
 //! accepting, let message streams in flight finish (bounded), flush.
 //!
-//! The accept loops run on the main arbiter with presence; each accepted
-//! connection is handed to one of the [`Workers`] (one arbiter per core, as
-//! actix-server does) and lives there, TLS, session actor and message
-//! stream alike, so that every core does network work.
+//! The accept loops run on the main arbiter with presence, and so do the
+//! session streams: presence pushes its fan-out into their queues, and on
+//! one thread that costs no wake-up across threads and keeps each writer in
+//! step with it. Each message stream (a TLS handshake and one message, the
+//! bulk of the per-message work) is handed to one of the [`Workers`] (one
+//! arbiter per core, as actix-server does), so that every core does
+//! network work.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -134,7 +137,7 @@ pub async fn run(
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
     if let Some(store) = backend.sled_store() {
         let room = match config.limits.disk_reserve_bytes {
-            0 => csm_actors::mailboxes::REOPEN_FREE_BYTES,
+            0 => csm_actors::mailbox::REOPEN_FREE_BYTES,
             reserve => reserve,
         };
         actix_rt::spawn(exit_if_store_stays_failed(store, room));
@@ -342,6 +345,14 @@ async fn accept_loop(
             }
         };
         tune_socket(&stream, &services);
+        let acceptor = acceptor.clone();
+        let services = services.clone();
+        if let Protocol::Session = protocol {
+            actix_rt::spawn(serve_connection(
+                stream, peer, protocol, acceptor, services, guard,
+            ));
+            continue;
+        }
         // A tokio socket belongs to the runtime that registered it: it
         // crosses to the worker as a plain socket and is registered there.
         let stream = match stream.into_std() {
@@ -351,12 +362,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let services = services.clone();
         let started = workers.run(move || {
-            actix_rt::spawn(serve_connection(
-                stream, peer, protocol, acceptor, services, guard,
-            ));
+            actix_rt::spawn(async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        serve_connection(stream, peer, protocol, acceptor, services, guard).await
+                    }
+                    Err(e) => log::warn!("could not take over the connection from {peer}: {e}"),
+                }
+            });
         });
         if !started {
             log::warn!("no network thread takes connections; closed {peer}");
@@ -364,10 +378,10 @@ async fn accept_loop(
     }
 }
 
-/// One connection, on its worker: the TLS handshake (bounded), then the
+/// One connection, on its thread: the TLS handshake (bounded), then the
 /// protocol of the port it came in on.
 async fn serve_connection(
-    stream: std::net::TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
     acceptor: TlsAcceptor,
@@ -375,13 +389,6 @@ async fn serve_connection(
     guard: csm_actors::services::ConnectionGuard,
 ) {
     let _guard = guard;
-    let stream = match TcpStream::from_std(stream) {
-        Ok(stream) => stream,
-        Err(e) => {
-            log::warn!("could not take over the connection from {peer}: {e}");
-            return;
-        }
-    };
     let handshake = tokio::time::timeout(services.timeouts.handshake(), acceptor.accept(stream));
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,

@@ -43,6 +43,30 @@ fn answer(code: ErrorCode, text: impl Into<String>) -> Fail {
     Fail::Answer(StreamError::new(code, text))
 }
 
+/// Longest a sender's `done` waits for its recipients' notices to be
+/// written to their sessions.
+const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The digest of a message ([`crate::mailbox::digest`]), here rather than on
+/// the shared mailbox actor's thread. SHA-256 of megabytes would hold up
+/// every connection of this thread too, so large data is hashed on the
+/// blocking pool.
+async fn digest_of(
+    recipients: Vec<String>,
+    data: Vec<u8>,
+) -> Result<(Vec<String>, Vec<u8>, Vec<u8>), Fail> {
+    if data.len() < crate::store::SPOOL_FROM_BYTES {
+        let digest = crate::mailbox::digest(&recipients, &data);
+        return Ok((recipients, data, digest));
+    }
+    tokio::task::spawn_blocking(move || {
+        let digest = crate::mailbox::digest(&recipients, &data);
+        (recipients, data, digest)
+    })
+    .await
+    .map_err(|e| answer(ErrorCode::Internal, format!("hashing the message: {e}")))
+}
+
 /// Serves one message stream, from its first byte to its close.
 pub async fn serve<S>(stream: S, peer: SocketAddr, services: Arc<Services>)
 where
@@ -230,6 +254,7 @@ where
         // until then.
         let mut reservation = self.services.budget.reservation();
         let data = self.data(&mut reservation).await?;
+        let (recipients, data, digest) = digest_of(recipients, data).await?;
         self.storing.set(true);
         let delivered = self
             .services
@@ -239,11 +264,18 @@ where
                 id: header.message_id,
                 recipients,
                 data,
+                digest,
             })
             .await
             .map_err(|e| answer(ErrorCode::Unavailable, format!("mailbox unavailable: {e}")))?;
         drop(reservation);
-        delivered?;
+        // The contract: every open session of a recipient has its
+        // `MessageAvailable` no later than the sender has `done`. The
+        // notices are queued; wait (bounded, so a recipient that does not
+        // read cannot hold the sender) until they are on their sockets.
+        if !delivered?.written(NOTICE_WAIT).await {
+            log::debug!("a recipient's session did not take its notice within {NOTICE_WAIT:?}");
+        }
         self.write(DONE).await
     }
 

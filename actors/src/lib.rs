@@ -7,7 +7,6 @@ pub mod cluster;
 pub mod courier;
 pub mod mailbox;
 pub mod mailbox_handle;
-pub mod mailboxes;
 pub mod messages;
 pub mod metrics;
 pub mod outbound;
@@ -45,6 +44,11 @@ pub const FAILPOINT_FETCH_ID: &str = "failpoint:fetch-panic";
 /// Failpoint: signing on as this user panics the presence actor.
 #[cfg(feature = "failpoints")]
 pub const FAILPOINT_REGISTER_USER: &str = "failpoint.register";
+
+/// Failpoint: the session writer of this user waits 30 ms before each
+/// write, as a writer on a busy thread would.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_SLOW_WRITER_USER: &str = "failpoint.slow-writer";
 
 /// Failpoint: an `Idle` with this `idle_secs` panics the presence actor.
 #[cfg(feature = "failpoints")]

@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use actix::Message;
 
 use crate::cluster::{MailHint, NodeState};
-use crate::mailboxes::{MailboxItem, MailboxStats};
+use crate::mailbox::{MailboxItem, MailboxStats};
 use crate::outbound::Outbound;
 use crate::proto::lines::StreamError;
 use crate::proto::Status;
-use crate::store::MessageHeader;
 
 /// Identifies one session stream for the life of the process.
 pub type SessionId = u64;
@@ -105,23 +104,22 @@ pub struct SessionInfo {
 pub struct ListOnline;
 
 /// Stores a message for its recipients, durably; answers once it is on
-/// disk (or once an identical earlier send is), or with the error to send.
+/// disk (or once an identical earlier send is) with the `MessageAvailable`
+/// frames queued for the recipients' sessions, or with the error to send.
 #[derive(Message)]
-#[rtype(result = "Result<(), StreamError>")]
+#[rtype(result = "Result<crate::outbound::Queued, StreamError>")]
 pub struct Deliver {
     pub sender: String,
     pub id: String,
     /// Repeats already removed, in the order first named.
     pub recipients: Vec<String>,
     pub data: Vec<u8>,
+    /// [`crate::mailbox::digest`] of the recipients and the data, made by
+    /// the courier on its own thread: what tells a retry from a conflict.
+    pub digest: Vec<u8>,
 }
 
-/// A message as a receiver gets it.
-#[derive(Debug)]
-pub struct Fetched {
-    pub header: MessageHeader,
-    pub data: crate::store::MessageBody,
-}
+pub use crate::store::Fetched;
 
 /// Reads a message from a user's mailbox.
 #[derive(Message)]

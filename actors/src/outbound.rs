@@ -5,8 +5,14 @@
 //! rather than let server memory grow. The writer coalesces whatever is
 //! queued into one buffer and one write, so a burst of small packets costs
 //! one TLS record, and gives every write a deadline.
+//!
+//! Frames are numbered as they are queued, and the writer counts what it
+//! has handed to the socket, so a producer can wait until its frame is
+//! written ([`Outbound::written`]): a sender's `done` waits for its
+//! recipients' `MessageAvailable`, whichever threads the two sessions are
+//! on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +37,13 @@ struct Shared {
     close: Notify,
     closing: AtomicBool,
     overflowed: AtomicBool,
+    /// Frames queued so far; held while queueing, so that numbers follow
+    /// the queue's order whichever threads push.
+    queued: std::sync::Mutex<u64>,
+    /// Frames the writer has handed to the socket so far.
+    written: AtomicU64,
+    /// Told after each write, and when the writer stops.
+    progress: Notify,
 }
 
 /// The producer side; cheap to clone, never blocks.
@@ -44,16 +57,40 @@ impl Outbound {
     /// Queues encoded frames. False if the session is closed or closing;
     /// a full queue closes the session.
     pub fn push(&self, frames: Bytes) -> bool {
+        self.push_numbered(frames).is_some()
+    }
+
+    /// [`Outbound::push`], returning the frames' number in the queue, to
+    /// wait for with [`Outbound::written`].
+    pub fn push_numbered(&self, frames: Bytes) -> Option<u64> {
+        let mut queued = self.shared.queued.lock().unwrap_or_else(|p| p.into_inner());
         match self.frames.try_send(frames) {
-            Ok(()) => true,
+            Ok(()) => {
+                *queued += 1;
+                Some(*queued)
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
+                drop(queued);
                 if !self.shared.overflowed.swap(true, Ordering::AcqRel) {
                     metrics::counter!(crate::metrics::SLOW_READER_CLOSES).increment(1);
                 }
                 self.close();
-                false
+                None
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
+        }
+    }
+
+    /// Resolves once the frames numbered up to `number` are handed to the
+    /// socket, or the session has ended.
+    pub async fn written(&self, number: u64) {
+        loop {
+            // Created before the check, so no progress in between is missed.
+            let progressed = self.shared.progress.notified();
+            if self.shared.written.load(Ordering::Acquire) >= number || self.is_closed() {
+                return;
+            }
+            progressed.await;
         }
     }
 
@@ -65,6 +102,32 @@ impl Outbound {
 
     pub fn is_closed(&self) -> bool {
         self.shared.closing.load(Ordering::Acquire) || self.frames.is_closed()
+    }
+}
+
+/// Frames queued for sessions, each with its number, to wait until all
+/// are written.
+#[derive(Default)]
+pub struct Queued(Vec<(Outbound, u64)>);
+
+impl Queued {
+    /// Queues `frames` on `outbound` and remembers it.
+    pub fn push(&mut self, outbound: &Outbound, frames: Bytes) {
+        if let Some(number) = outbound.push_numbered(frames) {
+            self.0.push((outbound.clone(), number));
+        }
+    }
+
+    /// Waits until every frame is written (or its session ended), at most
+    /// `limit`: a session whose peer does not read is not waited for
+    /// longer. True if all were written in time.
+    pub async fn written(self, limit: Duration) -> bool {
+        let all = futures_util::future::join_all(
+            self.0
+                .iter()
+                .map(|(outbound, number)| outbound.written(*number)),
+        );
+        tokio::time::timeout(limit, all).await.is_ok()
     }
 }
 
@@ -84,6 +147,9 @@ where
         close: Notify::new(),
         closing: AtomicBool::new(false),
         overflowed: AtomicBool::new(false),
+        queued: std::sync::Mutex::new(0),
+        written: AtomicU64::new(0),
+        progress: Notify::new(),
     });
     let outbound = Outbound {
         frames: tx,
@@ -117,16 +183,20 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         // Gather what else is queued into one write; the batch is dropped
         // after it, so an idle session holds no buffer of its own.
         let mut batch: Option<Vec<u8>> = None;
+        let mut count = 1;
         while batch.as_ref().map_or(first.len(), Vec::len) < max_coalesce {
             match frames.try_recv() {
-                Ok(more) => batch
-                    .get_or_insert_with(|| {
-                        let mut joined =
-                            Vec::with_capacity(max_coalesce.min(first.len() * 8 + more.len()));
-                        joined.extend_from_slice(&first);
-                        joined
-                    })
-                    .extend_from_slice(&more),
+                Ok(more) => {
+                    count += 1;
+                    batch
+                        .get_or_insert_with(|| {
+                            let mut joined =
+                                Vec::with_capacity(max_coalesce.min(first.len() * 8 + more.len()));
+                            joined.extend_from_slice(&first);
+                            joined
+                        })
+                        .extend_from_slice(&more)
+                }
                 Err(_) => break,
             }
         }
@@ -141,7 +211,10 @@ async fn run_writer<W: AsyncWrite + Unpin>(
             outcome = tokio::time::timeout(write_timeout, write) => outcome,
         };
         match outcome {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                shared.written.fetch_add(count, Ordering::AcqRel);
+                shared.progress.notify_waiters();
+            }
             Ok(Err(_)) => break WriterEnd::Io,
             Err(_) => break WriterEnd::WriteTimeout,
         }
@@ -152,11 +225,65 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         end
     };
     shared.closing.store(true, Ordering::Release);
+    shared.progress.notify_waiters();
     frames.close();
     if end == WriterEnd::Closed {
         let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
     }
     end
+}
+
+/// A writer that waits before each write (the failpoints build only): a
+/// session writer on a busy thread, for the tests of ordering.
+#[cfg(feature = "failpoints")]
+pub struct SlowWriter<W> {
+    inner: W,
+    delay: Duration,
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+#[cfg(feature = "failpoints")]
+impl<W> SlowWriter<W> {
+    pub fn new(inner: W, delay: Duration) -> SlowWriter<W> {
+        SlowWriter {
+            inner,
+            delay,
+            waiting: None,
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl<W: AsyncWrite + Unpin> AsyncWrite for SlowWriter<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.delay.is_zero() {
+            let delay = self.delay;
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            std::task::ready!(std::future::Future::poll(waiting.as_mut(), cx));
+            self.waiting = None;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

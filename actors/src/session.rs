@@ -84,6 +84,15 @@ where
         .await;
         return;
     }
+    #[cfg(feature = "failpoints")]
+    let writer = outbound::SlowWriter::new(
+        writer,
+        if username == crate::FAILPOINT_SLOW_WRITER_USER {
+            std::time::Duration::from_millis(30)
+        } else {
+            std::time::Duration::ZERO
+        },
+    );
     let (outbound, writer_task) = outbound::channel(
         writer,
         limits.session_queue,

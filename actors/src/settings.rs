@@ -60,8 +60,8 @@ pub struct Limits {
     pub login_throttle_entries: usize,
     /// Password checks (argon2) at once; 0 means one per core.
     pub password_checks: usize,
-    /// Threads that run connections (TLS, sessions, message streams); 0
-    /// means one per core.
+    /// Threads that run message streams (TLS and one message each); 0
+    /// means one per core. Session streams stay with presence.
     pub network_threads: usize,
     /// Message data held in memory at once over all message streams
     /// (sends being read); at least `message_bytes`.

@@ -16,12 +16,12 @@ use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFu
 use bytes::Bytes;
 
 use crate::cluster::{MailHint, PgMail};
-use crate::mailboxes::{notice_frame, queue_notices, Entry, MailboxItem, MailboxStats};
+use crate::mailbox::{notice_frame, queue_notices, Entry, MailboxItem, MailboxStats};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailNotice, MailboxStatsRequest,
     Purge, Remove, Rescan, SessionId, Subscribe, Unsubscribe,
 };
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Queued};
 use crate::proto::lines::{ErrorCode, StreamError};
 
 /// Past this many remembered notices a session's memory of them is
@@ -45,7 +45,9 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn tell(&mut self, seq: u64, frame: &Bytes) {
+    /// Queues the notice unless this session heard of it; what is queued
+    /// now (not held for the sign-on list) goes into `queued`.
+    fn tell(&mut self, seq: u64, frame: &Bytes, queued: &mut Queued) {
         match &mut self.held {
             Some(held) => held.push((seq, frame.clone())),
             None => {
@@ -55,7 +57,7 @@ impl Subscriber {
                 if let std::collections::hash_map::Entry::Vacant(entry) = self.announced.entry(seq)
                 {
                     entry.insert(Instant::now());
-                    self.outbound.push(frame.clone());
+                    queued.push(&self.outbound, frame.clone());
                 }
             }
         }
@@ -76,7 +78,15 @@ impl SharedMailboxActor {
         }
     }
 
-    fn announce(&mut self, seq: u64, id: &str, from: &str, size: u64, recipients: &[String]) {
+    fn announce(
+        &mut self,
+        seq: u64,
+        id: &str,
+        from: &str,
+        size: u64,
+        recipients: &[String],
+    ) -> Queued {
+        let mut queued = Queued::default();
         let mut frame = None;
         for recipient in recipients {
             let Some(sessions) = self.subscribers.get_mut(recipient) else {
@@ -84,9 +94,10 @@ impl SharedMailboxActor {
             };
             let frame = frame.get_or_insert_with(|| notice_frame(id, from, size));
             for subscriber in sessions.values_mut() {
-                subscriber.tell(seq, frame);
+                subscriber.tell(seq, frame, &mut queued);
             }
         }
+        queued
     }
 
     /// Tells the sessions of `user` of every listed message they have not
@@ -98,7 +109,7 @@ impl SharedMailboxActor {
         for (seq, entry) in waiting {
             let frame = entry.notice();
             for subscriber in sessions.values_mut() {
-                subscriber.tell(*seq, &frame);
+                subscriber.tell(*seq, &frame, &mut Queued::default());
             }
         }
     }
@@ -159,7 +170,7 @@ impl Actor for SharedMailboxActor {
 }
 
 impl Handler<Deliver> for SharedMailboxActor {
-    type Result = ResponseActFuture<Self, Result<(), StreamError>>;
+    type Result = ResponseActFuture<Self, Result<Queued, StreamError>>;
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
         let mail = self.mail.clone();
@@ -177,8 +188,7 @@ impl Handler<Deliver> for SharedMailboxActor {
                 }
                 // Queued before the courier writes `done`. A retry
                 // announces too: a session told already is skipped.
-                actor.announce(accepted.seq, &id, &from, size, &recipients);
-                Ok(())
+                Ok(actor.announce(accepted.seq, &id, &from, size, &recipients))
             },
         ))
     }
@@ -369,7 +379,7 @@ impl Handler<Subscribe> for SharedMailboxActor {
                     .extend(waiting.iter().map(|(seq, _)| (*seq, now)));
                 queue_notices(&subscriber.outbound, waiting.iter().map(|(_, entry)| entry));
                 for (seq, frame) in subscriber.held.take().unwrap_or_default() {
-                    subscriber.tell(seq, &frame);
+                    subscriber.tell(seq, &frame, &mut Queued::default());
                 }
             }),
         )

@@ -2,7 +2,7 @@
 //! admin socket and the offline mode: one JSON object per line each way.
 
 use base64::Engine;
-use csm_actors::mailboxes::{MailboxItem, MailboxStats};
+use csm_actors::mailbox::{MailboxItem, MailboxStats};
 use csm_actors::messages::Fetched;
 use csm_actors::proto::data::{DataLimits, MessageData};
 use csm_actors::proto::names::{valid_password, valid_username};

@@ -132,20 +132,24 @@ async fn online_recipient_hears_message_available() {
 
 /// The notice is on its way to the recipient before the sender reads
 /// `done`: on loopback the server's write lands in the peer's receive
-/// buffer at once, so right after each `done` bob's socket must already
-/// hold bytes (it held none before the send).
+/// buffer at once, so right after each `done` the recipient's socket must
+/// already hold bytes (it held none before the send). The recipient's
+/// session writer waits 30 ms before each write (a failpoint), as a writer
+/// on a busy thread would: the order must not hold by luck of scheduling.
 #[tokio::test]
 async fn message_available_is_written_before_the_senders_done() {
     use std::os::fd::AsRawFd;
+    // Named `bob` below; its session's writer is the slow one.
+    let slow = csm_actors::FAILPOINT_SLOW_WRITER_USER;
     let server = start();
-    users(&server, &["alice", "bob"]);
+    users(&server, &["alice", slow]);
     let tcp = tokio::net::TcpStream::connect(server.session_addr)
         .await
         .unwrap();
     let bob_fd = tcp.as_raw_fd();
     let tls = server.connector.handshake(tcp).await.unwrap();
     let mut bob = csm::client::SessionClient::over(tls)
-        .sign_on("bob", &password_of("bob"))
+        .sign_on(slow, &password_of(slow))
         .await
         .unwrap();
     read_sign_on(&mut bob, 1, 0).await;
@@ -158,7 +162,7 @@ async fn message_available_is_written_before_the_senders_done() {
     for n in 0..20 {
         let id = format!("ordered-{n}");
         assert_eq!(pending(), 0, "nothing waits before send {n}");
-        server.send("alice", &id, &["bob"], &sample_data("x")).await.unwrap();
+        server.send("alice", &id, &[slow], &sample_data("x")).await.unwrap();
         assert!(
             pending() > 0,
             "after the done of {id}, bob's notice is not yet in his socket"

@@ -21,13 +21,11 @@ use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::{try_join, try_join4};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::mailboxes::{
-    digest, no_such_message, Entry, MailboxItem, MailboxSettings, MailboxStats,
-};
+use crate::mailbox::{no_such_message, Entry, MailboxItem, MailboxSettings, MailboxStats};
 use crate::messages::{Deliver, Fetched};
 use crate::proto::data::{DataLimits, MessageData};
 use crate::proto::lines::{ErrorCode, StreamError};
-use crate::store::{unix_now, MessageHeader, StoreError, SPOOL_FROM_BYTES};
+use crate::store::{unix_now, MessageHeader, StoreError};
 
 use super::{db_error, pool_error, MailHint};
 
@@ -96,7 +94,7 @@ pub fn stream_error(e: StoreError) -> StreamError {
             ErrorCode::Unavailable,
             format!("the database is unavailable ({why}); try again"),
         ),
-        other => crate::mailboxes::internal(other),
+        other => crate::mailbox::internal(other),
     }
 }
 
@@ -136,18 +134,7 @@ impl PgMail {
 
     /// Stores a message for its recipients; resolves once committed.
     pub async fn deliver(&self, msg: Deliver) -> Result<Accepted, StreamError> {
-        // SHA-256 of megabytes would hold up every session on this thread.
-        let (msg, digest) = if msg.data.len() >= SPOOL_FROM_BYTES {
-            tokio::task::spawn_blocking(move || {
-                let digest = digest(&msg.recipients, &msg.data);
-                (msg, digest)
-            })
-            .await
-            .map_err(|e| crate::mailboxes::internal(format!("hashing the message: {e}")))?
-        } else {
-            let digest = digest(&msg.recipients, &msg.data);
-            (msg, digest)
-        };
+        let digest = msg.digest.clone();
         let (reply, answer) = oneshot::channel();
         self.queue(Work::Deliver(Job { msg, digest, reply }))?;
         answer.await.unwrap_or_else(|_| Err(closed()))

@@ -156,6 +156,13 @@ impl MessageBody {
     }
 }
 
+/// A message as a receiver gets it.
+#[derive(Debug)]
+pub struct Fetched {
+    pub header: MessageHeader,
+    pub data: MessageBody,
+}
+
 /// One waiting message in one user's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxEntry {

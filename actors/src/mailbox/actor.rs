@@ -14,23 +14,21 @@ use actix::{
     WrapFuture,
 };
 
-use crate::mailboxes::{internal, IdPruning, Mailboxes, Stored, Uncommitted};
+use super::{internal, IdPruning, Mailboxes, NewMessage, Stored, Uncommitted};
 use crate::messages::{
     Backup, Deliver, DropMailbox, Fetch, Fetched, ListMailbox, MailboxStatsRequest, Purge, Remove,
     SessionId, Subscribe, Unsubscribe,
 };
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Queued};
 use crate::proto::lines::{ErrorCode, StreamError};
 use crate::store::{CommitError, GroupCommit};
-
-pub use crate::mailboxes::MailboxSettings;
 
 fn commit_error(e: CommitError) -> StreamError {
     match e {
         CommitError::Overloaded | CommitError::Closed => {
             StreamError::new(ErrorCode::Unavailable, format!("{e}; try again"))
         }
-        CommitError::Flush(reason) => crate::mailboxes::cannot_write(reason),
+        CommitError::Flush(reason) => super::cannot_write(reason),
     }
 }
 
@@ -136,10 +134,11 @@ impl MailboxActor {
     }
 
     /// After the flush: make the entries receivable and tell the sessions,
-    /// with one encoded frame for all of them.
-    fn announce(&mut self, seq: u64, recipients: &[String]) {
+    /// with one encoded frame for all of them; returns what was queued.
+    fn announce(&mut self, seq: u64, recipients: &[String]) -> Queued {
+        let mut queued = Queued::default();
         let Some((entry, newly)) = self.mailboxes.mark_committed(seq, recipients) else {
-            return;
+            return queued;
         };
         let frame = entry.notice();
         for recipient in newly {
@@ -149,9 +148,10 @@ impl MailboxActor {
                 .into_iter()
                 .flat_map(|s| s.values())
             {
-                outbound.push(frame.clone());
+                queued.push(outbound, frame.clone());
             }
         }
+        queued
     }
 
     /// Starts a pass over the retained ids unless one is running. Each
@@ -262,7 +262,7 @@ impl Actor for MailboxActor {
 }
 
 impl Handler<Deliver> for MailboxActor {
-    type Result = ResponseActFuture<Self, Result<(), StreamError>>;
+    type Result = ResponseActFuture<Self, Result<Queued, StreamError>>;
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
         let mailboxes = &mut self.mailboxes;
@@ -274,7 +274,13 @@ impl Handler<Deliver> for MailboxActor {
                 if msg.id == crate::FAILPOINT_MAILBOX_ID {
                     panic!("failpoint: mailbox actor panic injected");
                 }
-                mailboxes.store_message(&msg)
+                mailboxes.store_message(NewMessage {
+                    sender: &msg.sender,
+                    id: &msg.id,
+                    recipients: &msg.recipients,
+                    data: &msg.data,
+                    digest: &msg.digest,
+                })
             },
             || Err(failed_here()),
         );
@@ -289,10 +295,7 @@ impl Handler<Deliver> for MailboxActor {
         let recipients = msg.recipients;
         // A retry also waits for a flush and re-announces, so that a first
         // attempt whose flush failed becomes visible once one succeeds.
-        self.commit_then(move |actor| {
-            actor.announce(seq, &recipients);
-            Ok(())
-        })
+        self.commit_then(move |actor| Ok(actor.announce(seq, &recipients)))
     }
 }
 
@@ -356,7 +359,7 @@ impl Handler<Backup> for MailboxActor {
 }
 
 impl Handler<ListMailbox> for MailboxActor {
-    type Result = Result<Vec<crate::mailboxes::MailboxItem>, StreamError>;
+    type Result = Result<Vec<super::MailboxItem>, StreamError>;
 
     fn handle(&mut self, msg: ListMailbox, ctx: &mut Context<Self>) -> Self::Result {
         let mailboxes = &self.mailboxes;
@@ -396,7 +399,7 @@ impl Handler<Subscribe> for MailboxActor {
 
 impl MailboxActor {
     fn subscribe(&mut self, msg: Subscribe) {
-        crate::mailboxes::queue_notices(&msg.outbound, self.mailboxes.committed(&msg.user));
+        super::queue_notices(&msg.outbound, self.mailboxes.committed(&msg.user));
         self.subscribers
             .entry(msg.user)
             .or_default()

@@ -1,20 +1,19 @@
 //! The mailboxes as plain data over the store: the in-memory index (per
 //! user: entries in arrival order, id → entry, bytes) rebuilt from the store
-//! at start, and every operation on it. The MailboxActor wraps this with
-//! group commit and notices; the offline admin uses it directly, so both
-//! change mailboxes through the same code.
+//! at start, and every change to it (store, commit, fetch, remove, purge).
+//! The actor wraps this with group commit and notices; it takes and gives
+//! its own types (a [`NewMessage`] in, a [`Fetched`] out), never actor
+//! messages.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::messages::{Deliver, Fetched};
-use crate::proto::data::{DataLimits, MessageData};
 use crate::proto::lines::{ErrorCode, StreamError};
 use crate::settings::{Limits, Timeouts};
-use crate::store::{unix_now, DatedId, IdRecord, MessageHeader, Store, StoreError};
+use crate::store::{unix_now, Fetched, IdRecord, MessageHeader, Store, StoreError};
+
+use super::disk::{cannot_write, is_disk_failure};
 
 /// Limits and retention of the mailboxes.
 #[derive(Debug, Clone)]
@@ -57,91 +56,26 @@ pub struct Entry {
     pub committed: bool,
 }
 
-impl Entry {
-    /// This entry's `MessageAvailable`, appended to `frames`.
-    pub fn write_notice(&self, frames: &mut Vec<u8>) {
-        write_notice(&self.id, &self.from, self.size, frames);
-    }
-
-    /// This entry's `MessageAvailable` as one frame.
-    pub fn notice(&self) -> bytes::Bytes {
-        notice_frame(&self.id, &self.from, self.size)
-    }
-}
-
-/// The one encoding of a `MessageAvailable` notice, appended to `frames`;
-/// both backends' mailbox actors announce through it.
-pub fn write_notice(id: &str, from: &str, size: u64, frames: &mut Vec<u8>) {
-    crate::proto::Packet::MessageAvailable {
-        id: id.to_owned(),
-        from: from.to_owned(),
-        size,
-    }
-    .write_frame(frames);
-}
-
-/// [`write_notice`] as one frame of its own.
-pub fn notice_frame(id: &str, from: &str, size: u64) -> bytes::Bytes {
-    let mut frame = Vec::new();
-    write_notice(id, from, size, &mut frame);
-    bytes::Bytes::from(frame)
-}
-
-/// Queues one `MessageAvailable` per entry, oldest first, as one batch.
-pub fn queue_notices<'a>(
-    outbound: &crate::outbound::Outbound,
-    entries: impl IntoIterator<Item = &'a Entry>,
-) {
-    let mut frames = Vec::new();
-    for entry in entries {
-        entry.write_notice(&mut frames);
-    }
-    if !frames.is_empty() {
-        outbound.push(bytes::Bytes::from(frames));
-    }
-}
-
-/// Ids read and pruned per step of a pruning pass.
-pub const PRUNE_CHUNK: usize = 1_000;
-
-/// Where a pruning pass over the retained ids stands.
-#[derive(Debug)]
-pub struct IdPruning {
-    cutoff: u64,
-    after: Option<DatedId>,
-    pruned: usize,
-}
-
 /// Messages written but not committed, each with the recipients whose
 /// entries wait for the commit.
 pub type Uncommitted = Vec<(u64, Vec<String>)>;
 
 #[derive(Default)]
-struct UserBox {
-    entries: BTreeMap<u64, Entry>,
-    by_id: HashMap<String, u64>,
-    bytes: u64,
+pub(super) struct UserBox {
+    pub(super) entries: BTreeMap<u64, Entry>,
+    pub(super) by_id: HashMap<String, u64>,
+    pub(super) bytes: u64,
 }
 
-/// A message as the admin lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailboxItem {
-    pub user: String,
-    pub id: String,
-    pub sender: String,
-    pub recipients: Vec<String>,
-    pub size: u64,
-    pub stored_unix: u64,
-    /// Name (display form) and size of each attachment.
-    pub attachments: Vec<(String, u64)>,
-}
-
-/// Messages and bytes waiting for one user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailboxStats {
-    pub user: String,
-    pub messages: usize,
-    pub bytes: u64,
+/// A message to store, as the courier read it.
+pub struct NewMessage<'a> {
+    pub sender: &'a str,
+    pub id: &'a str,
+    /// Recipients, repeats removed, in the order first named.
+    pub recipients: &'a [String],
+    pub data: &'a [u8],
+    /// [`digest`] of the recipients and the data.
+    pub digest: &'a [u8],
 }
 
 /// What `store_message` did.
@@ -156,40 +90,13 @@ pub fn internal(e: impl std::fmt::Display) -> StreamError {
     StreamError::new(ErrorCode::Internal, format!("store failure: {e}"))
 }
 
-/// A send that cannot be written for want of a working disk: the store
-/// failed a write (it takes no more until it is reopened) or the disk
-/// is full. Nothing is stored; the sender tries again later with the same
-/// id.
-pub fn cannot_write(reason: impl std::fmt::Display) -> StreamError {
-    StreamError::new(
-        ErrorCode::Unavailable,
-        format!("the server cannot store messages now ({reason}); try again later"),
-    )
-}
-
-/// Free bytes at which a store that failed for want of space is reopened,
-/// when the disk reserve is off.
-pub const REOPEN_FREE_BYTES: u64 = 16 << 20;
-
-/// True for the errors of a full disk or of a store that failed.
-fn is_disk_failure(e: &StoreError) -> bool {
-    match e {
-        StoreError::Failed(_) => true,
-        StoreError::File(io) => matches!(
-            io.kind(),
-            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-        ),
-        _ => false,
-    }
-}
-
 pub(crate) fn no_such_message() -> StreamError {
     StreamError::new(ErrorCode::NoSuchMessage, "no such message in this mailbox")
 }
 
 /// SHA-256 over the recipient set (sorted) and the data: what makes two
 /// sends with one id "the same message".
-pub(crate) fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
+pub fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
     let mut sorted: Vec<&str> = recipients.iter().map(String::as_str).collect();
     sorted.sort_unstable();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -205,16 +112,16 @@ pub(crate) fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
 /// The index and the operations on it; see the module doc. Writes are not
 /// durable until the caller flushes or commits.
 pub struct Mailboxes {
-    store: Arc<dyn Store>,
-    settings: MailboxSettings,
-    boxes: HashMap<String, UserBox>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) settings: MailboxSettings,
+    pub(super) boxes: HashMap<String, UserBox>,
     /// Mailboxes still holding each message; its data goes with the last.
-    holders: HashMap<u64, usize>,
+    pub(super) holders: HashMap<u64, usize>,
     /// Entries and bytes in all mailboxes.
-    total: (usize, u64),
+    pub(super) total: (usize, u64),
     /// Sends are being refused for want of disk space (logged once per
     /// spell, not once per send).
-    disk_low: bool,
+    pub(super) disk_low: bool,
 }
 
 impl Mailboxes {
@@ -318,12 +225,12 @@ impl Mailboxes {
 
     /// Checks quota and id, then writes the message and its entries
     /// (uncommitted). An exact retry writes nothing.
-    pub fn store_message(&mut self, msg: &Deliver) -> Result<Stored, StreamError> {
+    pub fn store_message(&mut self, msg: NewMessage<'_>) -> Result<Stored, StreamError> {
         if let Some(reason) = self.store.failed() {
             return Err(cannot_write(format!("the store failed a write: {reason}")));
         }
-        let digest = digest(&msg.recipients, &msg.data);
-        let earlier = self.store.get_id(&msg.id).map_err(internal)?;
+        let digest = msg.digest;
+        let earlier = self.store.get_id(msg.id).map_err(internal)?;
         let conflict = match &earlier {
             Some(rec) if rec.sender == msg.sender && rec.digest == digest => {
                 return Ok(Stored::Retry(rec.seq))
@@ -333,7 +240,7 @@ impl Mailboxes {
         };
         // The courier checked the names, but a user may have been removed
         // since: storing for them would leave an entry nobody can receive.
-        for recipient in &msg.recipients {
+        for recipient in msg.recipients {
             if self.store.get_user(recipient).map_err(internal)?.is_none() {
                 return Err(StreamError::new(
                     ErrorCode::UnknownRecipient,
@@ -342,7 +249,7 @@ impl Mailboxes {
             }
         }
         let size = msg.data.len() as u64;
-        for recipient in &msg.recipients {
+        for recipient in msg.recipients {
             let (count, bytes) = self
                 .boxes
                 .get(recipient)
@@ -364,26 +271,26 @@ impl Mailboxes {
         let seq = self.store.next_seq().map_err(internal)?;
         let now = unix_now();
         let header = MessageHeader {
-            id: msg.id.clone(),
-            sender: msg.sender.clone(),
-            recipients: msg.recipients.clone(),
+            id: msg.id.to_owned(),
+            sender: msg.sender.to_owned(),
+            recipients: msg.recipients.to_vec(),
             size,
             stored_unix: now,
         };
         let id_record = IdRecord {
-            sender: msg.sender.clone(),
-            digest,
+            sender: msg.sender.to_owned(),
+            digest: digest.to_vec(),
             seq,
             accepted_unix: now,
         };
         self.store
-            .put_message(seq, &header, &msg.data, &id_record)
+            .put_message(seq, &header, msg.data, &id_record)
             .map_err(|e| match self.store.failed() {
                 Some(reason) => cannot_write(format!("the store failed a write: {reason}")),
                 None if is_disk_failure(&e) => cannot_write(e),
                 None => internal(e),
             })?;
-        for recipient in &msg.recipients {
+        for recipient in msg.recipients {
             self.insert_entry(recipient, seq, &header, false);
         }
         #[cfg(feature = "failpoints")]
@@ -391,65 +298,6 @@ impl Mailboxes {
             panic!("failpoint: mailbox actor panic after a write, before its commit");
         }
         Ok(Stored::New(seq))
-    }
-
-    /// Publishes the free space of the store's filesystem, for operators
-    /// to watch between sends too.
-    pub fn publish_disk_free(&self) {
-        if let Some(free) = self.store.free_space() {
-            metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
-        }
-    }
-
-    /// The reason the store failed a write, once its filesystem has room
-    /// for it to be reopened: the disk reserve, or
-    /// [`REOPEN_FREE_BYTES`] when the reserve is off. `None` while the store
-    /// works, or while the disk is still full.
-    pub fn due_for_reopen(&self) -> Option<String> {
-        let reason = self.store.failed()?;
-        let wanted = match self.settings.disk_reserve {
-            0 => REOPEN_FREE_BYTES,
-            reserve => reserve,
-        };
-        match self.store.free_space() {
-            Some(free) if free < wanted => None,
-            _ => Some(reason),
-        }
-    }
-
-    /// Refuses a send of `size` bytes that would eat into the disk reserve.
-    /// The store fails for good on a write error (sled 0.34.7 needs a
-    /// reopen), so the refusal must come before the write: this keeps the
-    /// server receiving and removing on a full disk, and sending again as
-    /// soon as space returns.
-    fn check_disk_space(&mut self, size: u64) -> Result<(), StreamError> {
-        let reserve = self.settings.disk_reserve;
-        let Some(free) = self.store.free_space().filter(|_| reserve > 0) else {
-            return Ok(());
-        };
-        metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
-        // The data, its header and the store's own bookkeeping.
-        let needed = size.saturating_add(64 * 1024);
-        if free >= reserve.saturating_add(needed) {
-            if std::mem::take(&mut self.disk_low) {
-                log::warn!("disk space back ({free} bytes free): accepting sends again");
-            }
-            return Ok(());
-        }
-        if !std::mem::replace(&mut self.disk_low, true) {
-            log::error!(
-                "disk space low: {free} bytes free, {reserve} kept in reserve; \
-                 refusing sends until space returns"
-            );
-        }
-        metrics::counter!(crate::metrics::SENDS_REFUSED_DISK_LOW).increment(1);
-        Err(StreamError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "the server is low on disk space ({free} bytes free, {reserve} kept in reserve); \
-                 try again later"
-            ),
-        ))
     }
 
     /// Marks the message's entries committed; returns the entry and the
@@ -556,125 +404,6 @@ impl Mailboxes {
         Ok(ids.len())
     }
 
-    /// The committed messages of one mailbox, or of all, oldest first per
-    /// user, with their attachments' names and sizes.
-    pub fn list(&self, user: Option<&str>) -> Result<Vec<MailboxItem>, StreamError> {
-        let mut users: Vec<&String> = match user {
-            Some(user) => self
-                .boxes
-                .get_key_value(user)
-                .map(|(k, _)| k)
-                .into_iter()
-                .collect(),
-            None => self.boxes.keys().collect(),
-        };
-        users.sort();
-        let mut items = Vec::new();
-        for user in users {
-            for entry in self.committed(user) {
-                let mut fetched = self.fetch(user, &entry.id)?;
-                let limits = DataLimits {
-                    max_bytes: usize::MAX,
-                    max_attachments: usize::MAX,
-                };
-                let data = std::mem::replace(
-                    &mut fetched.data,
-                    crate::store::MessageBody::Bytes(Vec::new()),
-                )
-                .into_bytes()
-                .map_err(internal)?;
-                let attachments = MessageData::parse(&data, limits)
-                    .map(|data| {
-                        data.attachments
-                            .iter()
-                            .map(|a| (a.name(), a.data.len() as u64))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                items.push(MailboxItem {
-                    user: user.clone(),
-                    id: entry.id.clone(),
-                    sender: fetched.header.sender,
-                    recipients: fetched.header.recipients,
-                    size: entry.size,
-                    stored_unix: entry.stored_unix,
-                    attachments,
-                });
-            }
-        }
-        Ok(items)
-    }
-
-    /// Messages and bytes per user, users in name order.
-    pub fn stats(&self) -> Vec<MailboxStats> {
-        let mut stats: Vec<MailboxStats> = self
-            .boxes
-            .iter()
-            .map(|(user, bx)| MailboxStats {
-                user: user.clone(),
-                messages: bx.entries.len(),
-                bytes: bx.bytes,
-            })
-            .collect();
-        stats.sort_by(|a, b| a.user.cmp(&b.user));
-        stats
-    }
-
-    /// Forgets every retained id older than the retention whose message
-    /// no mailbox holds, in one go (the offline admin and tests; the actor
-    /// prunes chunk by chunk between its other work).
-    pub fn prune_ids(&mut self) {
-        let mut pass = self.start_id_pruning();
-        while self.prune_id_chunk(&mut pass) {}
-    }
-
-    /// A pruning pass over the ids accepted before the retention began.
-    pub fn start_id_pruning(&self) -> IdPruning {
-        IdPruning {
-            cutoff: unix_now().saturating_sub(self.settings.id_retention.as_secs()),
-            after: None,
-            pruned: 0,
-        }
-    }
-
-    /// Prunes the next chunk of at most [`PRUNE_CHUNK`] ids; false once
-    /// the pass is over. Ids are kept in acceptance order, so a chunk
-    /// reads only ids that are due, never the whole set.
-    pub fn prune_id_chunk(&mut self, pass: &mut IdPruning) -> bool {
-        let chunk =
-            match self
-                .store
-                .ids_accepted_before(pass.cutoff, pass.after.as_ref(), PRUNE_CHUNK)
-            {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    log::warn!("could not read message ids for pruning: {e}");
-                    return false;
-                }
-            };
-        for dated in &chunk {
-            let waiting = dated.seq.is_some_and(|seq| self.holders.contains_key(&seq));
-            if waiting {
-                continue;
-            }
-            if let Err(e) = self.store.remove_id(dated) {
-                log::warn!("could not prune message id: {e}");
-                return false;
-            }
-            pass.pruned += 1;
-        }
-        let more = chunk.len() == PRUNE_CHUNK;
-        pass.after = chunk.into_iter().last();
-        if !more && pass.pruned > 0 {
-            log::info!(
-                "pruned {} message ids older than {:?}",
-                pass.pruned,
-                self.settings.id_retention
-            );
-        }
-        more
-    }
-
     /// Copies the store to `dir` (see [`Store::backup`]).
     pub fn backup(&self, dir: &std::path::Path) -> Result<(), StreamError> {
         self.store.backup(dir).map_err(internal)
@@ -688,15 +417,20 @@ impl Mailboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mailbox::PRUNE_CHUNK;
     use crate::store::SledStore;
 
-    fn deliver(id: &str, to: &str) -> Deliver {
-        Deliver {
-            sender: "alice".into(),
-            id: id.into(),
-            recipients: vec![to.into()],
-            data: vec![0, 0, 0, 0, 0, 0],
-        }
+    /// A message from alice to `to`, stored through `mailboxes`.
+    fn send_to(mailboxes: &mut Mailboxes, id: &str, to: &str) -> Result<Stored, StreamError> {
+        let recipients = [to.to_owned()];
+        let data = [0; 6];
+        mailboxes.store_message(NewMessage {
+            sender: "alice",
+            id,
+            recipients: &recipients,
+            data: &data,
+            digest: &digest(&recipients, &data),
+        })
     }
 
     fn bob() -> crate::store::UserRecord {
@@ -719,7 +453,7 @@ mod tests {
         let store = store_with_bob(dir.path());
         let mut mailboxes = Mailboxes::load(store.clone(), MailboxSettings::default()).unwrap();
         store.remove_user("bob").unwrap();
-        match mailboxes.store_message(&deliver("late", "bob")) {
+        match send_to(&mut mailboxes, "late", "bob") {
             Err(e) => assert_eq!(e.code, ErrorCode::UnknownRecipient),
             Ok(_) => panic!("stored for a removed user"),
         }
@@ -736,7 +470,7 @@ mod tests {
         let keep_a_day = MailboxSettings::default();
         let mut mailboxes = Mailboxes::load(store.clone(), keep_a_day).unwrap();
         for id in ["waiting", "received"] {
-            let Ok(Stored::New(seq)) = mailboxes.store_message(&deliver(id, "bob")) else {
+            let Ok(Stored::New(seq)) = send_to(&mut mailboxes, id, "bob") else {
                 panic!()
             };
             mailboxes.mark_committed(seq, &["bob".to_string()]);
@@ -764,7 +498,7 @@ mod tests {
             "kept while its message waits"
         );
         assert!(matches!(
-            mailboxes.store_message(&deliver("waiting", "bob")),
+            send_to(&mut mailboxes, "waiting", "bob"),
             Ok(Stored::Retry(_))
         ));
     }
@@ -780,7 +514,7 @@ mod tests {
         let received = 2 * PRUNE_CHUNK + PRUNE_CHUNK / 2;
         for n in 0..=received {
             let id = format!("m{n}");
-            let Ok(Stored::New(seq)) = mailboxes.store_message(&deliver(&id, "bob")) else {
+            let Ok(Stored::New(seq)) = send_to(&mut mailboxes, &id, "bob") else {
                 panic!()
             };
             mailboxes.mark_committed(seq, &["bob".to_string()]);
