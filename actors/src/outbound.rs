@@ -6,19 +6,17 @@
 //! queued into one buffer and one write, so a burst of small packets costs
 //! one TLS record, and gives every write a deadline.
 //!
-//! Frames are numbered as they are queued, and the writer counts what it
-//! has handed to the socket, so a producer can wait until its frame is
-//! written ([`Outbound::written`]): a sender's `done` waits for its
-//! recipients' `MessageAvailable`, whichever threads the two sessions are
-//! on.
+//! A producer may ask to hear when its frames are written
+//! ([`Outbound::push_tracked`]): a sender's `done` waits for its
+//! recipients' `MessageAvailable`, whichever threads the two run on.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Why the writer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,19 +35,18 @@ struct Shared {
     close: Notify,
     closing: AtomicBool,
     overflowed: AtomicBool,
-    /// Frames queued so far; held while queueing, so that numbers follow
-    /// the queue's order whichever threads push.
-    queued: std::sync::Mutex<u64>,
-    /// Frames the writer has handed to the socket so far.
-    written: AtomicU64,
-    /// Told after each write, and when the writer stops.
-    progress: Notify,
+}
+
+/// Encoded frames, and whom to tell once they are handed to the socket.
+struct Queue {
+    bytes: Bytes,
+    written: Option<oneshot::Sender<()>>,
 }
 
 /// The producer side; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Outbound {
-    frames: mpsc::Sender<Bytes>,
+    frames: mpsc::Sender<Queue>,
     shared: Arc<Shared>,
 }
 
@@ -57,40 +54,34 @@ impl Outbound {
     /// Queues encoded frames. False if the session is closed or closing;
     /// a full queue closes the session.
     pub fn push(&self, frames: Bytes) -> bool {
-        self.push_numbered(frames).is_some()
+        self.queue(Queue {
+            bytes: frames,
+            written: None,
+        })
     }
 
-    /// [`Outbound::push`], returning the frames' number in the queue, to
-    /// wait for with [`Outbound::written`].
-    pub fn push_numbered(&self, frames: Bytes) -> Option<u64> {
-        let mut queued = self.shared.queued.lock().unwrap_or_else(|p| p.into_inner());
-        match self.frames.try_send(frames) {
-            Ok(()) => {
-                *queued += 1;
-                Some(*queued)
-            }
+    /// [`Outbound::push`], and a receiver that resolves once the frames
+    /// are handed to the socket (or fails when the session ends first).
+    pub fn push_tracked(&self, frames: Bytes) -> Option<oneshot::Receiver<()>> {
+        let (tell, written) = oneshot::channel();
+        self.queue(Queue {
+            bytes: frames,
+            written: Some(tell),
+        })
+        .then_some(written)
+    }
+
+    fn queue(&self, queue: Queue) -> bool {
+        match self.frames.try_send(queue) {
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                drop(queued);
                 if !self.shared.overflowed.swap(true, Ordering::AcqRel) {
                     metrics::counter!(crate::metrics::SLOW_READER_CLOSES).increment(1);
                 }
                 self.close();
-                None
+                false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => None,
-        }
-    }
-
-    /// Resolves once the frames numbered up to `number` are handed to the
-    /// socket, or the session has ended.
-    pub async fn written(&self, number: u64) {
-        loop {
-            // Created before the check, so no progress in between is missed.
-            let progressed = self.shared.progress.notified();
-            if self.shared.written.load(Ordering::Acquire) >= number || self.is_closed() {
-                return;
-            }
-            progressed.await;
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -105,16 +96,15 @@ impl Outbound {
     }
 }
 
-/// Frames queued for sessions, each with its number, to wait until all
-/// are written.
+/// Frames queued for sessions, to wait until all are written.
 #[derive(Default)]
-pub struct Queued(Vec<(Outbound, u64)>);
+pub struct Queued(Vec<oneshot::Receiver<()>>);
 
 impl Queued {
     /// Queues `frames` on `outbound` and remembers it.
     pub fn push(&mut self, outbound: &Outbound, frames: Bytes) {
-        if let Some(number) = outbound.push_numbered(frames) {
-            self.0.push((outbound.clone(), number));
+        if let Some(written) = outbound.push_tracked(frames) {
+            self.0.push(written);
         }
     }
 
@@ -122,11 +112,7 @@ impl Queued {
     /// `limit`: a session whose peer does not read is not waited for
     /// longer. True if all were written in time.
     pub async fn written(self, limit: Duration) -> bool {
-        let all = futures_util::future::join_all(
-            self.0
-                .iter()
-                .map(|(outbound, number)| outbound.written(*number)),
-        );
+        let all = futures_util::future::join_all(self.0);
         tokio::time::timeout(limit, all).await.is_ok()
     }
 }
@@ -147,9 +133,6 @@ where
         close: Notify::new(),
         closing: AtomicBool::new(false),
         overflowed: AtomicBool::new(false),
-        queued: std::sync::Mutex::new(0),
-        written: AtomicU64::new(0),
-        progress: Notify::new(),
     });
     let outbound = Outbound {
         frames: tx,
@@ -163,13 +146,16 @@ where
 
 async fn run_writer<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut frames: mpsc::Receiver<Bytes>,
+    mut frames: mpsc::Receiver<Queue>,
     shared: Arc<Shared>,
     write_timeout: Duration,
     max_coalesce: usize,
 ) -> WriterEnd {
     let end = loop {
-        let first = tokio::select! {
+        let Queue {
+            bytes: first,
+            written,
+        } = tokio::select! {
             biased;
             _ = shared.close.notified() => break WriterEnd::Closed,
             next = frames.recv() => match next {
@@ -177,17 +163,21 @@ async fn run_writer<W: AsyncWrite + Unpin>(
                 None => break WriterEnd::Closed,
             },
         };
+        // Who waits for this batch to be written.
+        let mut waiting: Vec<oneshot::Sender<()>> = written.into_iter().collect();
         if shared.closing.load(Ordering::Acquire) {
             break WriterEnd::Closed;
         }
         // Gather what else is queued into one write; the batch is dropped
         // after it, so an idle session holds no buffer of its own.
         let mut batch: Option<Vec<u8>> = None;
-        let mut count = 1;
         while batch.as_ref().map_or(first.len(), Vec::len) < max_coalesce {
             match frames.try_recv() {
-                Ok(more) => {
-                    count += 1;
+                Ok(Queue {
+                    bytes: more,
+                    written,
+                }) => {
+                    waiting.extend(written);
                     batch
                         .get_or_insert_with(|| {
                             let mut joined =
@@ -212,8 +202,9 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         };
         match outcome {
             Ok(Ok(())) => {
-                shared.written.fetch_add(count, Ordering::AcqRel);
-                shared.progress.notify_waiters();
+                for tell in waiting {
+                    let _ = tell.send(());
+                }
             }
             Ok(Err(_)) => break WriterEnd::Io,
             Err(_) => break WriterEnd::WriteTimeout,
@@ -225,7 +216,6 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         end
     };
     shared.closing.store(true, Ordering::Release);
-    shared.progress.notify_waiters();
     frames.close();
     if end == WriterEnd::Closed {
         let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
@@ -303,6 +293,37 @@ mod tests {
         assert_eq!(&got, b"abcd");
         out.close();
         assert_eq!(task.await.unwrap(), WriterEnd::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_tracked_frame_is_reported_once_written_and_never_before() {
+        let (client, mut server) = tokio::io::duplex(4);
+        let (out, writer) = channel(client, 16, Duration::from_secs(5), 1 << 16);
+        let task = tokio::spawn(writer);
+        assert!(out.push(Bytes::from_static(b"12345678")));
+        let mut receipt = out.push_tracked(Bytes::from_static(b"ab")).unwrap();
+        // The pipe holds 4 bytes and nobody reads: not written yet.
+        let early = tokio::time::timeout(Duration::from_millis(50), &mut receipt).await;
+        assert!(early.is_err(), "reported before it was written");
+        let mut got = [0u8; 10];
+        let reading = tokio::spawn(async move {
+            server.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let written = tokio::time::timeout(Duration::from_secs(5), receipt).await;
+        assert!(matches!(written, Ok(Ok(()))));
+        assert_eq!(&reading.await.unwrap(), b"12345678ab");
+
+        // A session that ends first does not keep its waiter waiting.
+        let (client, _never_reads) = tokio::io::duplex(1);
+        let (out, writer) = channel(client, 16, Duration::from_secs(5), 1 << 16);
+        let task2 = tokio::spawn(writer);
+        let mut queued = Queued::default();
+        queued.push(&out, Bytes::from_static(b"never written"));
+        out.close();
+        assert!(queued.written(Duration::from_secs(5)).await);
+        assert_eq!(task2.await.unwrap(), WriterEnd::Closed);
+        drop(task);
     }
 
     #[tokio::test]
