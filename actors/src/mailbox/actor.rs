@@ -102,7 +102,7 @@ impl MailboxActor {
             return;
         };
         // After a failed attempt, try again at longer and longer intervals
-        // (0.5 s, 1 s, 2 s, … up to about a minute).
+        // (0.5 s, 0.5 s, 1 s, 2 s, … then every 32 s).
         self.failed_reopens = self.failed_reopens.saturating_add(1);
         let attempt = self.failed_reopens;
         if attempt > 1 && !(attempt - 1).is_power_of_two() {
