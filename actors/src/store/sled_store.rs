@@ -210,8 +210,12 @@ impl SledStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         drop(slot);
         self.spool.take_pending();
-        self.reconcile_spool()?;
-        self.flush()?;
+        // The new handle is in place whatever follows: the caller must
+        // rebuild what it knows from it. A failure here leaves orphan spool
+        // files for the next open, or marks the new handle failed in turn.
+        if let Err(e) = self.reconcile_spool().and_then(|()| self.flush()) {
+            log::error!("after reopening the store: {e}");
+        }
         log::info!("the store is open again after a failed write ({reason})");
         Ok(())
     }
