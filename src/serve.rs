@@ -136,10 +136,7 @@ pub async fn run(
     let admin_task = actix_rt::spawn(admin.serve(stop_rx.clone()));
     let reload_task = actix_rt::spawn(reload_on_sighup(config.clone(), certs, stop_rx));
     if let Some(store) = backend.sled_store() {
-        let room = match config.limits.disk_reserve_bytes {
-            0 => csm_actors::mailbox::REOPEN_FREE_BYTES,
-            reserve => reserve,
-        };
+        let room = csm_actors::mailbox::room_to_reopen(config.limits.disk_reserve_bytes);
         actix_rt::spawn(exit_if_store_stays_failed(store, room));
     }
     log::info!("session stream listening on {session_addr}");
@@ -285,7 +282,7 @@ fn notify_systemd(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// The arbiters that run connections, each on a thread of its own.
+/// The arbiters that run message streams, each on a thread of its own.
 struct Workers {
     arbiters: Vec<actix::Arbiter>,
     next: std::sync::atomic::AtomicUsize,

@@ -108,6 +108,17 @@ impl Queued {
         }
     }
 
+    /// Queues `frames` on `outbound`, with a receipt here when there is a
+    /// `Queued` to keep it (a sender waits), plainly otherwise.
+    pub fn push_to(queued: Option<&mut Queued>, outbound: &Outbound, frames: Bytes) {
+        match queued {
+            Some(queued) => queued.push(outbound, frames),
+            None => {
+                outbound.push(frames);
+            }
+        }
+    }
+
     /// Waits until every frame is written (or its session ended), at most
     /// `limit`: a session whose peer does not read is not waited for
     /// longer. True if all were written in time.

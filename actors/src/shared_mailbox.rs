@@ -45,9 +45,10 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    /// Queues the notice unless this session heard of it; what is queued
-    /// now (not held for the sign-on list) goes into `queued`.
-    fn tell(&mut self, seq: u64, frame: &Bytes, queued: &mut Queued) {
+    /// Queues the notice unless this session heard of it. With `queued`
+    /// (a send stored here, whose sender waits for it), what is queued now,
+    /// not held for the sign-on list, comes with a receipt there.
+    fn tell(&mut self, seq: u64, frame: &Bytes, queued: Option<&mut Queued>) {
         match &mut self.held {
             Some(held) => held.push((seq, frame.clone())),
             None => {
@@ -57,7 +58,7 @@ impl Subscriber {
                 if let std::collections::hash_map::Entry::Vacant(entry) = self.announced.entry(seq)
                 {
                     entry.insert(Instant::now());
-                    queued.push(&self.outbound, frame.clone());
+                    Queued::push_to(queued, &self.outbound, frame.clone());
                 }
             }
         }
@@ -78,6 +79,8 @@ impl SharedMailboxActor {
         }
     }
 
+    /// Tells the sessions of `recipients` of a message; receipts go into
+    /// `queued` when a sender waits for them.
     fn announce(
         &mut self,
         seq: u64,
@@ -85,8 +88,8 @@ impl SharedMailboxActor {
         from: &str,
         size: u64,
         recipients: &[String],
-    ) -> Queued {
-        let mut queued = Queued::default();
+        mut queued: Option<&mut Queued>,
+    ) {
         let mut frame = None;
         for recipient in recipients {
             let Some(sessions) = self.subscribers.get_mut(recipient) else {
@@ -94,10 +97,9 @@ impl SharedMailboxActor {
             };
             let frame = frame.get_or_insert_with(|| notice_frame(id, from, size));
             for subscriber in sessions.values_mut() {
-                subscriber.tell(seq, frame, &mut queued);
+                subscriber.tell(seq, frame, queued.as_deref_mut());
             }
         }
-        queued
     }
 
     /// Tells the sessions of `user` of every listed message they have not
@@ -109,7 +111,7 @@ impl SharedMailboxActor {
         for (seq, entry) in waiting {
             let frame = entry.notice();
             for subscriber in sessions.values_mut() {
-                subscriber.tell(*seq, &frame, &mut Queued::default());
+                subscriber.tell(*seq, &frame, None);
             }
         }
     }
@@ -188,7 +190,16 @@ impl Handler<Deliver> for SharedMailboxActor {
                 }
                 // Queued before the courier writes `done`. A retry
                 // announces too: a session told already is skipped.
-                Ok(actor.announce(accepted.seq, &id, &from, size, &recipients))
+                let mut queued = Queued::default();
+                actor.announce(
+                    accepted.seq,
+                    &id,
+                    &from,
+                    size,
+                    &recipients,
+                    Some(&mut queued),
+                );
+                Ok(queued)
             },
         ))
     }
@@ -206,7 +217,7 @@ impl Handler<MailNotice> for SharedMailboxActor {
             id,
             ..
         } = hint;
-        self.announce(seq, &id, &from, size, &recipients);
+        self.announce(seq, &id, &from, size, &recipients, None);
     }
 }
 
@@ -379,7 +390,7 @@ impl Handler<Subscribe> for SharedMailboxActor {
                     .extend(waiting.iter().map(|(seq, _)| (*seq, now)));
                 queue_notices(&subscriber.outbound, waiting.iter().map(|(_, entry)| entry));
                 for (seq, frame) in subscriber.held.take().unwrap_or_default() {
-                    subscriber.tell(seq, &frame, &mut Queued::default());
+                    subscriber.tell(seq, &frame, None);
                 }
             }),
         )

@@ -47,7 +47,6 @@ pub struct Accepted {
 /// A send waiting for a committer.
 struct Job {
     msg: Deliver,
-    digest: Vec<u8>,
     reply: oneshot::Sender<Result<Accepted, StreamError>>,
 }
 
@@ -134,9 +133,8 @@ impl PgMail {
 
     /// Stores a message for its recipients; resolves once committed.
     pub async fn deliver(&self, msg: Deliver) -> Result<Accepted, StreamError> {
-        let digest = msg.digest.clone();
         let (reply, answer) = oneshot::channel();
-        self.queue(Work::Deliver(Job { msg, digest, reply }))?;
+        self.queue(Work::Deliver(Job { msg, reply }))?;
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
@@ -790,12 +788,12 @@ struct IdRecord {
 
 impl IdRecord {
     fn matches(&self, job: &Job) -> bool {
-        self.sender == job.msg.sender && self.digest == job.digest
+        self.sender == job.msg.sender && self.digest == job.msg.digest
     }
 }
 
 fn same_message(first: &Job, job: &Job) -> bool {
-    first.msg.sender == job.msg.sender && first.digest == job.digest
+    first.msg.sender == job.msg.sender && first.msg.digest == job.msg.digest
 }
 
 async fn known_ids(
@@ -888,7 +886,7 @@ async fn claim_ids(
         .collect();
     let digests: Vec<&[u8]> = indexes
         .iter()
-        .map(|&i| batch[i].digest.as_slice())
+        .map(|&i| batch[i].msg.digest.as_slice())
         .collect();
     let rows = tx
         .query(

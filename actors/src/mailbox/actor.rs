@@ -34,6 +34,11 @@ fn commit_error(e: CommitError) -> StreamError {
 
 const ACTOR: &str = "the mailbox actor";
 
+/// The wait after a first failed reopen of the store, doubled after each
+/// further one up to the last.
+const FIRST_REOPEN_WAIT: Duration = Duration::from_millis(500);
+const LAST_REOPEN_WAIT: Duration = Duration::from_secs(30);
+
 /// The answer to a request whose handling panicked: the actor restarts with
 /// its index reloaded from the store, and nothing of the request is kept
 /// unless it was already durable.
@@ -51,9 +56,9 @@ pub struct MailboxActor {
     unannounced: Uncommitted,
     /// A pruning pass over the retained ids is under way.
     pruning: bool,
-    /// Reopens of the store that failed since the last success, to space
-    /// out the attempts.
-    failed_reopens: u32,
+    /// When a reopen of a failed store may next be tried, and how long to
+    /// wait after that one if it fails too.
+    next_reopen: (std::time::Instant, Duration),
 }
 
 impl MailboxActor {
@@ -64,7 +69,7 @@ impl MailboxActor {
             subscribers: HashMap::new(),
             unannounced: Vec::new(),
             pruning: false,
-            failed_reopens: 0,
+            next_reopen: (std::time::Instant::now(), FIRST_REOPEN_WAIT),
         }
     }
 
@@ -80,7 +85,7 @@ impl MailboxActor {
         );
         let announce = self.commit_then(move |actor| {
             for (seq, recipients) in &unannounced {
-                actor.announce(*seq, recipients);
+                actor.announce(*seq, recipients, None);
             }
             Ok(())
         });
@@ -101,16 +106,15 @@ impl MailboxActor {
         let Some(reason) = self.mailboxes.due_for_reopen() else {
             return;
         };
-        // After a failed attempt, try again at longer and longer intervals
-        // (0.5 s, 0.5 s, 1 s, 2 s, … then every 32 s).
-        self.failed_reopens = self.failed_reopens.saturating_add(1);
-        let attempt = self.failed_reopens;
-        if attempt > 1 && !(attempt - 1).is_power_of_two() {
+        // After a failed attempt, wait twice as long as last time.
+        let (when, wait) = self.next_reopen;
+        if std::time::Instant::now() < when {
             return;
         }
-        if attempt > 128 {
-            self.failed_reopens = 64;
-        }
+        self.next_reopen = (
+            std::time::Instant::now() + wait,
+            (wait * 2).min(LAST_REOPEN_WAIT),
+        );
         log::warn!("the store failed a write ({reason}) and there is room again: reopening it");
         let commit = self.commit.clone();
         ctx.wait(async move { commit.reopen().await }.into_actor(self).map(
@@ -121,7 +125,7 @@ impl MailboxActor {
                 }
                 match actor.mailboxes.reload_after_failure() {
                     Ok((mailboxes, unannounced)) => {
-                        actor.failed_reopens = 0;
+                        actor.next_reopen = (std::time::Instant::now(), FIRST_REOPEN_WAIT);
                         actor.mailboxes = mailboxes;
                         actor.publish();
                         actor.commit_and_announce(unannounced, ctx);
@@ -134,11 +138,11 @@ impl MailboxActor {
     }
 
     /// After the flush: make the entries receivable and tell the sessions,
-    /// with one encoded frame for all of them; returns what was queued.
-    fn announce(&mut self, seq: u64, recipients: &[String]) -> Queued {
-        let mut queued = Queued::default();
+    /// with one encoded frame for all of them; receipts go into `queued`
+    /// when a sender waits for them.
+    fn announce(&mut self, seq: u64, recipients: &[String], mut queued: Option<&mut Queued>) {
         let Some((entry, newly)) = self.mailboxes.mark_committed(seq, recipients) else {
-            return queued;
+            return;
         };
         let frame = entry.notice();
         for recipient in newly {
@@ -148,10 +152,9 @@ impl MailboxActor {
                 .into_iter()
                 .flat_map(|s| s.values())
             {
-                queued.push(outbound, frame.clone());
+                Queued::push_to(queued.as_deref_mut(), outbound, frame.clone());
             }
         }
-        queued
     }
 
     /// Starts a pass over the retained ids unless one is running. Each
@@ -295,7 +298,11 @@ impl Handler<Deliver> for MailboxActor {
         let recipients = msg.recipients;
         // A retry also waits for a flush and re-announces, so that a first
         // attempt whose flush failed becomes visible once one succeeds.
-        self.commit_then(move |actor| Ok(actor.announce(seq, &recipients)))
+        self.commit_then(move |actor| {
+            let mut queued = Queued::default();
+            actor.announce(seq, &recipients, Some(&mut queued));
+            Ok(queued)
+        })
     }
 }
 

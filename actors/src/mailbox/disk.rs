@@ -20,7 +20,16 @@ pub fn cannot_write(reason: impl std::fmt::Display) -> StreamError {
 
 /// Free bytes at which a store that failed for want of space is reopened,
 /// when the disk reserve is off.
-pub const REOPEN_FREE_BYTES: u64 = 16 << 20;
+const REOPEN_FREE_BYTES: u64 = 16 << 20;
+
+/// Free bytes on the store's filesystem at which a failed store is
+/// reopened: the disk reserve, or [`REOPEN_FREE_BYTES`] when it is off.
+pub fn room_to_reopen(disk_reserve: u64) -> u64 {
+    match disk_reserve {
+        0 => REOPEN_FREE_BYTES,
+        reserve => reserve,
+    }
+}
 
 /// True for the errors of a full disk or of a store that failed.
 pub(super) fn is_disk_failure(e: &StoreError) -> bool {
@@ -44,15 +53,11 @@ impl Mailboxes {
     }
 
     /// The reason the store failed a write, once its filesystem has room
-    /// for it to be reopened: the disk reserve, or
-    /// [`REOPEN_FREE_BYTES`] when the reserve is off. `None` while the store
+    /// for it to be reopened ([`room_to_reopen`]). `None` while the store
     /// works, or while the disk is still full.
     pub fn due_for_reopen(&self) -> Option<String> {
         let reason = self.store.failed()?;
-        let wanted = match self.settings.disk_reserve {
-            0 => REOPEN_FREE_BYTES,
-            reserve => reserve,
-        };
+        let wanted = room_to_reopen(self.settings.disk_reserve);
         match self.store.free_space() {
             Some(free) if free < wanted => None,
             _ => Some(reason),

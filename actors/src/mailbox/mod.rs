@@ -14,7 +14,7 @@ mod pruning;
 mod view;
 
 pub use actor::MailboxActor;
-pub use disk::{cannot_write, REOPEN_FREE_BYTES};
+pub use disk::{cannot_write, room_to_reopen};
 pub use index::digest;
 pub(crate) use index::no_such_message;
 pub use index::{internal, Entry, MailboxSettings, Mailboxes, NewMessage, Stored, Uncommitted};

@@ -125,17 +125,6 @@ pub enum MessageBody {
 }
 
 impl MessageBody {
-    pub fn len(&self) -> u64 {
-        match self {
-            MessageBody::Bytes(bytes) => bytes.len() as u64,
-            MessageBody::File { len, .. } => *len,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The data in memory (a file is read whole).
     pub fn into_bytes(self) -> std::io::Result<Vec<u8>> {
         match self {

@@ -143,14 +143,14 @@ pub const MAX_REOPENS: usize = 4;
 #[derive(Clone)]
 pub struct SledStore {
     /// The open database. Every call holds a read guard for its length;
-    /// [`SledStore::reopen`] swaps in a new handle under the write guard, so
+    /// [`Store::reopen`] swaps in a new handle under the write guard, so
     /// no call runs half on the old handle and half on the new.
     db: std::sync::Arc<parking_lot::RwLock<std::sync::Arc<Db>>>,
     dir: std::path::PathBuf,
     cache_bytes: u64,
     spool: std::sync::Arc<Spool>,
     platter: std::sync::Arc<Platter>,
-    /// Failed handles left open by [`SledStore::reopen`].
+    /// Failed handles left open by [`Store::reopen`].
     reopens: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -181,43 +181,6 @@ impl SledStore {
     /// a call may make another while a reopen waits.
     fn db(&self) -> parking_lot::RwLockReadGuard<'_, std::sync::Arc<Db>> {
         self.db.read_recursive()
-    }
-
-    /// Replaces a handle that failed a write with a fresh one on the same
-    /// files, in this process: sled recovers the log as it would after a
-    /// crash, which keeps everything that was durable. The failed handle is
-    /// left open (see [`Db`]) with its file lock released. Spool removals
-    /// that waited for a flush are dropped: their flush failed, and the
-    /// reconciliation at open removes whichever files no record names now.
-    ///
-    /// The caller must keep every other writer out meanwhile (the mailbox
-    /// actor waits for it, and group commit runs it between two flushes).
-    pub fn reopen_failed(&self) -> Result<(), StoreError> {
-        let mut slot = self.db.write();
-        let Some(reason) = slot.failure() else {
-            return Ok(());
-        };
-        let reopened = self.reopens.load(std::sync::atomic::Ordering::Relaxed);
-        if reopened >= MAX_REOPENS {
-            return Err(StoreError::Failed(format!(
-                "{reason}; already reopened {reopened} times, restart the server"
-            )));
-        }
-        release_file_lock(&self.dir.join("db"))?;
-        let fresh = open_sled(&self.dir, self.cache_bytes)?;
-        *slot = std::sync::Arc::new(Db::new(fresh));
-        self.reopens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        drop(slot);
-        self.spool.take_pending();
-        // The new handle is in place whatever follows: the caller must
-        // rebuild what it knows from it. A failure here leaves orphan spool
-        // files for the next open, or marks the new handle failed in turn.
-        if let Err(e) = self.reconcile_spool().and_then(|()| self.flush()) {
-            log::error!("after reopening the store: {e}");
-        }
-        log::info!("the store is open again after a failed write ({reason})");
-        Ok(())
     }
 
     /// Gives every id record its `t` key, once per store: a store written
@@ -621,8 +584,41 @@ impl Store for SledStore {
         self.db().failure()
     }
 
+    /// Replaces a handle that failed a write with a fresh one on the same
+    /// files, in this process: sled recovers the log as it would after a
+    /// crash, which keeps everything that was durable. The failed handle is
+    /// left open (see [`Db`]) with its file lock released. Spool removals
+    /// that waited for a flush are dropped: their flush failed, and the
+    /// reconciliation at open removes whichever files no record names now.
+    ///
+    /// The caller must keep every other writer out meanwhile (the mailbox
+    /// actor waits for it, and group commit runs it between two flushes).
     fn reopen(&self) -> Result<(), StoreError> {
-        self.reopen_failed()
+        let mut slot = self.db.write();
+        let Some(reason) = slot.failure() else {
+            return Ok(());
+        };
+        let reopened = self.reopens.load(std::sync::atomic::Ordering::Relaxed);
+        if reopened >= MAX_REOPENS {
+            return Err(StoreError::Failed(format!(
+                "{reason}; already reopened {reopened} times, restart the server"
+            )));
+        }
+        release_file_lock(&self.dir.join("db"))?;
+        let fresh = open_sled(&self.dir, self.cache_bytes)?;
+        *slot = std::sync::Arc::new(Db::new(fresh));
+        self.reopens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop(slot);
+        self.spool.take_pending();
+        // The new handle is in place whatever follows: the caller must
+        // rebuild what it knows from it. A failure here leaves orphan spool
+        // files for the next open, or marks the new handle failed in turn.
+        if let Err(e) = self.reconcile_spool().and_then(|()| self.flush()) {
+            log::error!("after reopening the store: {e}");
+        }
+        log::info!("the store is open again after a failed write ({reason})");
+        Ok(())
     }
 
     fn backup(&self, dir: &Path) -> Result<(), StoreError> {
