@@ -89,3 +89,82 @@ fn small_scenario_across_two_nodes_is_clean() {
     assert_eq!(report.counts[&Count::Received], 400);
     assert!(report.verdict.clean(), "{:?}", report.verdict);
 }
+
+/// Runs `csm sim --spawn` with `args` and returns its JSON report.
+fn sim_json(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
+        .args(["sim", "--spawn"])
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "csm sim {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+/// The named workloads run against a server the simulator spawns, and
+/// report the figures they are compared on, read from that server's
+/// /proc: here scaled down (fewer users and messages) to fit a test.
+#[test]
+fn named_workloads_report_their_figures() {
+    let w1 = sim_json(&["--scenario", "w1", "--warm", "--users", "40"]);
+    let figures = &w1["workload"];
+    assert_eq!(figures["workload"], "w1", "{w1}");
+    assert_eq!(figures["warm"], true);
+    assert_eq!(figures["sessions"], 40, "every session held");
+    assert!(figures["rss_kib_per_session"].as_f64().unwrap() > 0.0);
+    assert!(figures["server_cpu_ms_per_sign_on"].is_f64(), "{figures}");
+
+    let w2 = sim_json(&["--scenario", "w2", "--warm", "--users", "30"]);
+    let figures = &w2["workload"];
+    assert_eq!(
+        (&figures["workload"], &figures["users"]),
+        (&"w2".into(), &30.into())
+    );
+    assert!(
+        figures["convergence_secs"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
+    assert!(figures["server_cpu_ms_per_sign_on"].is_f64(), "{figures}");
+    assert_eq!(
+        w2["counts"]["sign_ons"], 60,
+        "a cold wave, then the warm one"
+    );
+
+    let w3 = sim_json(&["--scenario", "w3", "--queued", "200"]);
+    let figures = &w3["workload"];
+    assert_eq!(figures["workload"], "w3", "{w3}");
+    assert_eq!(
+        (&figures["queued"], &figures["delivered"]),
+        (&200.into(), &200.into())
+    );
+    let per_message = figures["server_cpu_us_per_message"].as_f64().unwrap();
+    let stored = figures["store_cpu_us_per_message"].as_f64().unwrap();
+    let delivered = figures["deliver_cpu_us_per_message"].as_f64().unwrap();
+    assert!(per_message > 0.0, "{figures}");
+    assert!((per_message - stored - delivered).abs() < 1e-6);
+    for report in [&w1, &w2, &w3] {
+        assert_eq!(report["verdict"]["lost"], 0);
+        assert_eq!(report["verdict"]["missed_presence"], 0);
+    }
+}
+
+#[test]
+fn a_warm_offline_queue_is_refused_with_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
+        .args(["sim", "--spawn", "--scenario", "w3", "--warm"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--warm applies to w1 and w2"), "{stderr}");
+}

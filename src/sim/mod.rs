@@ -8,9 +8,11 @@
 pub mod baseline;
 pub mod content;
 pub mod ledger;
+mod queue;
 pub mod report;
 pub mod target;
 pub mod user;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -31,8 +33,9 @@ use crate::client::Connector;
 use content::ContentSpec;
 use ledger::{Count, Ledger, Metric};
 use report::{Hold, Machine, Report, ServerUsage};
-use target::{process_usage, NodeAddrs, Spawned};
+use target::{process_usage, NodeAddrs, ProcessUsage, Spawned};
 use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
+use workload::{Figures, Workload};
 
 /// A scenario; every field has a default, and a TOML file or flags set them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +74,10 @@ pub struct Scenario {
     pub prefix: String,
     /// Longest wait for outstanding messages at the end, in seconds.
     pub drain_secs: f64,
+    /// Instead of the steady phase: the second half of the users sign
+    /// off, the first half send them this many messages, then they sign on
+    /// again and receive them all (0: no such phase).
+    pub queued: usize,
 }
 
 impl Default for Scenario {
@@ -92,6 +99,7 @@ impl Default for Scenario {
             source_ips: 16,
             prefix: "sim".into(),
             drain_secs: 30.0,
+            queued: 0,
         }
     }
 }
@@ -99,9 +107,18 @@ impl Default for Scenario {
 /// `csm sim` options; each overrides the scenario file.
 #[derive(Debug, Args)]
 pub struct SimArgs {
-    /// TOML scenario file (the fields of `Scenario`).
+    /// A named workload (w1, w2, w3: see docs/BENCHMARKS.md), or a TOML
+    /// scenario file (the fields of `Scenario`).
+    #[arg(long, value_name = "w1|w2|w3|FILE")]
+    pub scenario: Option<String>,
+    /// Sign everyone on and off once before the measured wave, so that it
+    /// finds passwords already verified (w1, w2, or any scenario).
     #[arg(long)]
-    pub scenario: Option<PathBuf>,
+    pub warm: bool,
+    /// Messages to queue for offline users and deliver when they come back
+    /// (replaces the steady phase; w3 queues 5,000).
+    #[arg(long)]
+    pub queued: Option<usize>,
     #[arg(long)]
     pub users: Option<usize>,
     /// Sign-ons per second.
@@ -192,14 +209,23 @@ pub struct SimArgs {
 }
 
 impl SimArgs {
-    fn scenario(&self) -> Result<Scenario> {
-        let mut s = match &self.scenario {
-            Some(path) => toml::from_str(
-                &std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("in {}", path.display()))?,
-            None => Scenario::default(),
+    /// The scenario to run, and the named workload it is if it is one.
+    fn scenario(&self) -> Result<(Scenario, Option<Workload>)> {
+        let workload = self.scenario.as_deref().and_then(Workload::named);
+        if workload == Some(Workload::W3) && self.warm {
+            bail!("w3 always measures warm sign-ons; --warm applies to w1 and w2");
+        }
+        let mut s = match (&self.scenario, workload) {
+            (_, Some(workload)) => workload.scenario(self.warm),
+            (Some(path), None) => {
+                let path = PathBuf::from(path);
+                toml::from_str(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                )
+                .with_context(|| format!("in {}", path.display()))?
+            }
+            (None, None) => Scenario::default(),
         };
         macro_rules! set {
             ($($field:ident).+ = $value:expr) => {
@@ -221,7 +247,8 @@ impl SimArgs {
         set!(content.attachment_bytes = self.attachment_bytes);
         set!(max_streams = self.max_streams);
         set!(source_ips = self.source_ips);
-        s.reconnect |= self.reconnect;
+        set!(queued = self.queued);
+        s.reconnect |= self.reconnect || self.warm;
         s.defer_receive |= self.defer_receive;
         s.hold |= self.hold;
         if s.users < 2 && !s.hold {
@@ -233,7 +260,10 @@ impl SimArgs {
         if !(0.0..1.0).contains(&s.offline_fraction) || s.ramp <= 0.0 {
             bail!("offline fraction must be in [0, 1) and ramp above 0");
         }
-        Ok(s)
+        if s.queued > 0 && s.hold {
+            bail!("a scenario either holds sessions or queues messages, not both");
+        }
+        Ok((s, workload))
     }
 }
 
@@ -270,7 +300,7 @@ pub fn run(args: SimArgs) -> ExitCode {
 }
 
 fn run_cli(args: SimArgs) -> Result<bool> {
-    let scenario = args.scenario()?;
+    let (scenario, workload) = args.scenario()?;
     let fd_limit = target::raise_fd_limit();
     if (scenario.users as u64) * 2 + 64 > fd_limit {
         log::warn!(
@@ -342,6 +372,7 @@ fn run_cli(args: SimArgs) -> Result<bool> {
     let system = actix::System::new();
     let mut report = system.block_on(run_scenario(&scenario, &target, true))?;
     report.baseline = baseline;
+    report.workload = workload.map(|w| Figures::of(w, &report));
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -354,6 +385,7 @@ fn run_cli(args: SimArgs) -> Result<bool> {
     Ok(report.verdict.clean())
 }
 
+/// Starts and stops the simulated users and keeps the ones online.
 struct Driver {
     scenario: Scenario,
     world: Arc<World>,
@@ -363,6 +395,7 @@ struct Driver {
 }
 
 impl Driver {
+    /// Starts user `index`; it signs on by itself.
     fn start_user(&mut self, index: usize) {
         let (name, password) = self.credentials[index].clone();
         let world = self.world.clone();
@@ -426,14 +459,32 @@ impl Driver {
     /// Signs every user off and returns once each has forgotten its
     /// session, so that no late sign-off can undo the next wave's truth.
     async fn sign_off_all(&mut self) {
-        let asked: Vec<_> = self
-            .online
-            .drain(..)
-            .map(|(_, addr)| addr.send(SignOff))
+        self.sign_off_where(|_| true).await;
+    }
+
+    /// Signs off the online users whose index `chosen` picks, as
+    /// `sign_off_all` does.
+    async fn sign_off_where(&mut self, chosen: impl Fn(usize) -> bool) {
+        let (leaving, staying) = std::mem::take(&mut self.online)
+            .into_iter()
+            .partition(|(index, _)| chosen(*index));
+        self.online = staying;
+        let asked: Vec<_> = leaving
+            .into_iter()
+            .map(|(_, addr): (usize, Addr<SimUser>)| addr.send(SignOff))
             .collect();
         for answer in asked {
             // A user that stopped already has nothing left to forget.
             let _ = answer.await;
+        }
+    }
+
+    /// Waits until no event has reached the ledger for `quiet` (at most
+    /// 30 s): the traffic of the last step is over.
+    async fn settle(&self, quiet: Duration) {
+        let started = Instant::now();
+        while self.world.ledger.quiet_for() < quiet && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -479,22 +530,26 @@ pub async fn run_scenario(
     let later: Vec<usize> = (scenario.users - offline..scenario.users).collect();
 
     let check_presence = !scenario.hold;
+    let pids = &target.server_pids;
+    // The server's CPU over the measured wave, from its first login until
+    // presence converged (or, holding, the sign-on traffic settled).
+    let mut wave_from = usage_before;
+    let wave_users = first.len();
     let (mut sign_on_rate, mut convergence) = driver
         .wave(first.clone(), scenario.ramp, check_presence)
         .await?;
+    let mut wave_until = process_usage(pids);
     let mut hold = None;
+    let mut queue = None;
     let mut steady_from = None;
     if scenario.reconnect {
         driver.sign_off_all().await;
-        let quiet = Instant::now();
-        while ledger.quiet_for() < Duration::from_millis(500)
-            && quiet.elapsed() < Duration::from_secs(30)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        driver.settle(Duration::from_millis(500)).await;
+        wave_from = process_usage(pids);
         (sign_on_rate, convergence) = driver
             .wave(first, scenario.reconnect_ramp, check_presence)
             .await?;
+        wave_until = process_usage(pids);
     }
     if scenario.hold {
         // Measure once the sign-on traffic has settled.
@@ -504,7 +559,8 @@ pub async fn run_scenario(
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let after = process_usage(&target.server_pids);
+        let after = process_usage(pids);
+        wave_until = after;
         if let (Some(before), Some(after)) = (usage_before, after) {
             let sessions = driver.online.len() as u64;
             hold = Some(Hold {
@@ -515,6 +571,8 @@ pub async fn run_scenario(
                     / sessions.max(1) as f64,
             });
         }
+    } else if scenario.queued > 0 {
+        queue = Some(queue::offline_queue(&mut driver, pids).await?);
     } else {
         steady_from = Some((Instant::now(), ledger.get(Count::StatusPackets)));
         steady(&mut driver, later).await?;
@@ -593,6 +651,10 @@ pub async fn run_scenario(
             .map(|(b, a)| ServerUsage::between(b, a)),
         baseline: None,
         hold,
+        sign_on_server_cpu_ms: cpu_between(wave_from, wave_until)
+            .map(|secs| secs * 1000.0 / wave_users.max(1) as f64),
+        queue,
+        workload: None,
         series: ledger.series(),
     };
     driver.sign_off_all().await;
@@ -603,17 +665,19 @@ pub async fn run_scenario(
     Ok(report)
 }
 
+/// The server's CPU seconds between two readings, if both were made.
+fn cpu_between(from: Option<ProcessUsage>, until: Option<ProcessUsage>) -> Option<f64> {
+    from.zip(until)
+        .map(|(from, until)| (until.cpu_secs - from.cpu_secs).max(0.0))
+}
+
 /// The steady phase: messages and idle toggles at fixed rates; the offline
 /// users sign on half-way.
 async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
     let scenario = driver.scenario.clone();
     let ledger = driver.world.ledger.clone();
     let names: Vec<String> = driver.credentials.iter().map(|(n, _)| n.clone()).collect();
-    let nonce = format!(
-        "{:x}{:x}",
-        csm_actors::store::unix_now(),
-        std::process::id()
-    );
+    let nonce = id_nonce();
     let start = Instant::now();
     let duration = Duration::from_secs_f64(scenario.duration_secs);
     let mut later = Some(later);
@@ -671,6 +735,16 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
     }
     let _ = ledger;
     Ok(())
+}
+
+/// What makes this run's message ids unlike those of any earlier run
+/// against the same server (ids are retained).
+fn id_nonce() -> String {
+    format!(
+        "{:x}{:x}",
+        csm_actors::store::unix_now(),
+        std::process::id()
+    )
 }
 
 /// How many events of a fixed `rate` are due `elapsed` into a phase of

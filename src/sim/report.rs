@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use super::baseline::Baseline;
 use super::ledger::{Count, Metric, Percentiles, Second, Verdict};
+use super::queue::QueueReport;
 use super::target::ProcessUsage;
+use super::workload::Figures;
 use super::Scenario;
 
 /// Everything a run measured.
@@ -34,6 +36,15 @@ pub struct Report {
     pub server: Option<ServerUsage>,
     pub baseline: Option<Baseline>,
     pub hold: Option<Hold>,
+    /// The server's CPU per sign-on over the measured wave (milliseconds),
+    /// from its first login until presence converged or, holding, the
+    /// sign-on traffic settled: the server's own cost, whatever the
+    /// simulator's.
+    pub sign_on_server_cpu_ms: Option<f64>,
+    /// The offline queue phase, if the scenario had one.
+    pub queue: Option<QueueReport>,
+    /// The figures of the named workload this run was.
+    pub workload: Option<Figures>,
     pub series: Vec<Second>,
 }
 
@@ -166,6 +177,19 @@ impl Report {
                 server.rss_kib_at_end as f64 / 1024.0
             );
         }
+        if let Some(ms) = self.sign_on_server_cpu_ms {
+            let _ = writeln!(
+                out,
+                "server CPU per sign-on of the measured wave: {ms:.3} ms"
+            );
+        }
+        if let Some(q) = &self.queue {
+            let _ = writeln!(
+                out,
+                "offline queue: {} sent, {} stored in {:.2} s, {} delivered in {:.2} s",
+                q.queued, q.stored, q.store_secs, q.delivered, q.deliver_secs
+            );
+        }
         if let Some(hold) = &self.hold {
             let _ = writeln!(
                 out,
@@ -197,6 +221,10 @@ impl Report {
                     self.sign_ons_per_sec / b.argon2_verifies_per_sec
                 );
             }
+        }
+        if let Some(figures) = &self.workload {
+            let _ = writeln!(out);
+            out.push_str(&figures.table());
         }
         let v = &self.verdict;
         let _ = writeln!(out);
