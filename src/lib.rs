@@ -12,3 +12,4 @@ pub mod save;
 pub mod serve;
 pub mod sim;
 pub mod tls;
+pub mod trim;

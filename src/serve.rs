@@ -106,6 +106,7 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
 
     let backend = Opened::open(&config, session_listener.local_addr()?.port()).await?;
+    crate::trim::start();
     let services = Arc::new(Services::new(
         config.limits.clone(),
         config.timeouts.clone(),
@@ -401,7 +402,16 @@ async fn serve_connection(
         }
     };
     match protocol {
-        Protocol::Session => session::serve(tls, peer, services).await,
+        Protocol::Session => {
+            // A session's writer hands over at most this much at a time; the
+            // TLS layer need not hold more (its default is 64 KiB, which
+            // thousands of sessions signing on at once would all fill).
+            let mut tls = tls;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(services.limits.write_coalesce_bytes));
+            session::serve(tls, peer, services).await
+        }
         Protocol::Message => courier::serve(tls, peer, services).await,
     }
 }

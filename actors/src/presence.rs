@@ -432,12 +432,13 @@ impl PresenceActor {
     }
 
     /// Queues the sign-on snapshot: every `AddUser`, then the status of
-    /// every user shown online or idle.
+    /// every user shown online or idle. The user list is queued as the one
+    /// encoding every session shares, not copied: when thousands sign on
+    /// at once, each holds only its statuses until they are written.
     fn queue_snapshot(&mut self, outbound: &Outbound, now: Instant) {
-        let user_list = self.user_list_frames();
+        outbound.push(self.user_list_frames());
         let shown = self.shown_users(now);
-        let mut snapshot = Vec::with_capacity(user_list.len() + shown.len() * 40);
-        snapshot.extend_from_slice(&user_list);
+        let mut snapshot = Vec::with_capacity(shown.len() * 40);
         for (user, how) in shown {
             match (how, self.online.get(user)) {
                 (Shown::Online, Some(online)) => snapshot.extend_from_slice(&online.online_frame),

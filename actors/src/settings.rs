@@ -34,7 +34,10 @@ pub struct Limits {
     pub connections: usize,
     /// Most open connections from one source address.
     pub connections_per_address: usize,
-    /// Bytes a session's writer gathers into one write.
+    /// Bytes a session's writer gathers into one write, and the most
+    /// encrypted bytes its TLS layer holds before they reach the socket
+    /// (the default is one TLS record: a peer that reads slowly holds
+    /// about twice this in the server).
     pub write_coalesce_bytes: usize,
     /// Idle/NotIdle packets one session may send per second before it is
     /// closed (each one fans out to every other online user).
@@ -87,7 +90,7 @@ impl Default for Limits {
             session_queue: 1024,
             connections: 60_000,
             connections_per_address: 4096,
-            write_coalesce_bytes: 64 * 1024,
+            write_coalesce_bytes: 16 * 1024,
             presence_changes_per_sec: 20,
             disk_reserve_bytes: 64 << 20,
             waiting_commits: 65_536,

@@ -561,13 +561,19 @@ pub async fn run_scenario(
         }
         let after = process_usage(pids);
         wave_until = after;
-        if let (Some(before), Some(after)) = (usage_before, after) {
+        // The sessions then sit idle; what the server holds for them is
+        // read once the memory of the burst had time to go back (the
+        // server returns free memory every few seconds).
+        tokio::time::sleep(HOLD_IDLE).await;
+        let idle = process_usage(pids);
+        if let (Some(before), Some(after), Some(idle)) = (usage_before, after, idle) {
             let sessions = driver.online.len() as u64;
             hold = Some(Hold {
                 sessions,
                 rss_kib_before: before.rss_kib,
                 rss_kib_after: after.rss_kib,
-                kib_per_session: (after.rss_kib.saturating_sub(before.rss_kib)) as f64
+                rss_kib_idle: idle.rss_kib,
+                kib_per_session: (idle.rss_kib.saturating_sub(before.rss_kib)) as f64
                     / sessions.max(1) as f64,
             });
         }
@@ -664,6 +670,9 @@ pub async fn run_scenario(
     }
     Ok(report)
 }
+
+/// How long held sessions sit idle before the server's memory is read.
+const HOLD_IDLE: Duration = Duration::from_secs(10);
 
 /// The server's CPU seconds between two readings, if both were made.
 fn cpu_between(from: Option<ProcessUsage>, until: Option<ProcessUsage>) -> Option<f64> {

@@ -85,8 +85,13 @@ pub struct ServerUsage {
 #[derive(Debug, Clone, Serialize)]
 pub struct Hold {
     pub sessions: u64,
+    /// Before the first sign-on.
     pub rss_kib_before: u64,
+    /// Once the sign-on traffic ended.
     pub rss_kib_after: u64,
+    /// After the sessions sat idle for 10 s more.
+    pub rss_kib_idle: u64,
+    /// (idle − before) ÷ sessions.
     pub kib_per_session: f64,
 }
 
@@ -193,10 +198,11 @@ impl Report {
         if let Some(hold) = &self.hold {
             let _ = writeln!(
                 out,
-                "hold: {} sessions, RSS {:.1} → {:.1} MiB, {:.1} KiB per session",
+                "hold: {} sessions, RSS {:.1} → {:.1} MiB, idle 10 s later {:.1} MiB, {:.1} KiB per session",
                 hold.sessions,
                 hold.rss_kib_before as f64 / 1024.0,
                 hold.rss_kib_after as f64 / 1024.0,
+                hold.rss_kib_idle as f64 / 1024.0,
                 hold.kib_per_session
             );
         }
