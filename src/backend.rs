@@ -111,7 +111,10 @@ impl Opened {
             store_dir.display(),
             names.len()
         );
-        let presence = actix::Supervisor::start(move |_| PresenceActor::new(names));
+        let fan_out_window = config.timeouts.fan_out_window();
+        let presence = actix::Supervisor::start(move |_| {
+            PresenceActor::new(names).with_fan_out_window(fan_out_window)
+        });
         let mailboxes = Mailboxes::load(store.clone(), mailbox_settings(config))?;
         let mailbox_actor = MailboxActor::new(mailboxes, commit.clone());
         let arbiter = Arbiter::new();
@@ -159,8 +162,10 @@ impl Opened {
         );
         let link = ClusterLink::new();
         let presence_link = link.clone();
-        let presence =
-            actix::Supervisor::start(move |_| PresenceActor::clustered(names, presence_link));
+        let fan_out_window = config.timeouts.fan_out_window();
+        let presence = actix::Supervisor::start(move |_| {
+            PresenceActor::clustered(names, presence_link).with_fan_out_window(fan_out_window)
+        });
         let node = Arc::new(
             Node::join(pool.clone(), settings.clone())
                 .await

@@ -6,10 +6,17 @@
 //! `StatusChange` for every other user's sessions here, encoded once and
 //! queued as the same bytes everywhere. Changes of this node's sessions
 //! are published to the other nodes through the [`ClusterLink`].
+//!
+//! Under load the fan-out is gathered ([`FanOut`]): a change that follows
+//! another within the fan-out window waits for the window's end, and then
+//! every session gets everything of that window as one queued entry, the
+//! same bytes for all. A thousand sign-ons in a second then cost each
+//! session a few queue entries and writes instead of a thousand. A change
+//! after a quiet window goes out at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, MessageResult};
 use bytes::Bytes;
@@ -142,6 +149,37 @@ pub struct PresenceActor {
     remote: BTreeMap<String, RemoteUser>,
     /// Where this node's changes go for the other nodes (none on sled).
     cluster: Option<ClusterLink>,
+    /// Status frames gathered for every session under load.
+    fan_out: FanOut,
+}
+
+/// The fan-out of one window: frames for every session but their
+/// subject's, written to all at the window's end.
+#[derive(Default)]
+struct FanOut {
+    /// Gather for this long after a fan-out; zero sends each at once.
+    window: Duration,
+    /// When the last fan-out went out.
+    last_sent: Option<Instant>,
+    /// Whether a send at the window's end is scheduled.
+    scheduled: bool,
+    /// The frames of this window, back to back.
+    bytes: Vec<u8>,
+    /// Where each frame starts in `bytes`, and whose sessions skip it.
+    frames: Vec<(usize, String)>,
+    /// Sessions that signed on during this window, and how much of
+    /// `bytes` their sign-on snapshot already covers.
+    joined: HashMap<SessionId, usize>,
+}
+
+impl FanOut {
+    /// True if a frame now should wait for the window's end.
+    fn gathering(&self, now: Instant) -> bool {
+        !self.frames.is_empty()
+            || self
+                .last_sent
+                .is_some_and(|sent| now.saturating_duration_since(sent) < self.window)
+    }
 }
 
 impl PresenceActor {
@@ -152,7 +190,15 @@ impl PresenceActor {
             online: BTreeMap::new(),
             remote: BTreeMap::new(),
             cluster: None,
+            fan_out: FanOut::default(),
         }
+    }
+
+    /// Gathers the fan-out of changes that follow each other within
+    /// `window` (zero: every change is queued to every session at once).
+    pub fn with_fan_out_window(mut self, window: Duration) -> Self {
+        self.fan_out.window = window;
+        self
     }
 
     /// A presence that publishes this node's changes through `link`.
@@ -179,7 +225,7 @@ impl PresenceActor {
     }
 
     /// Tells every other user's sessions how `user`'s presence changed.
-    fn announce(&self, user: &str, before: Shown, after: Shown) {
+    fn announce(&mut self, user: &str, before: Shown, after: Shown) {
         match (before, after) {
             (Shown::Offline, Shown::Offline) => {}
             (Shown::Offline, Shown::Online) => {
@@ -340,12 +386,106 @@ impl PresenceActor {
     }
 
     /// Queues `packet` on every session of every user but `except`.
-    fn broadcast_except(&self, except: &str, packet: &Packet) {
+    fn broadcast_except(&mut self, except: &str, packet: &Packet) {
         self.broadcast_frame_except(except, Bytes::from(packet.to_frame()));
     }
 
-    /// Queues an encoded frame on every session of every user but `except`.
-    fn broadcast_frame_except(&self, except: &str, frame: Bytes) {
+    /// Queues an encoded frame on every session of every user but
+    /// `except`: now, or at the end of the fan-out window when another
+    /// fan-out went out within it.
+    fn broadcast_frame_except(&mut self, except: &str, frame: Bytes) {
+        let now = Instant::now();
+        if self.fan_out.window.is_zero() || !self.fan_out.gathering(now) {
+            self.fan_out.last_sent = Some(now);
+            self.queue_everywhere_except(except, frame);
+            return;
+        }
+        let fan_out = &mut self.fan_out;
+        fan_out
+            .frames
+            .push((fan_out.bytes.len(), except.to_owned()));
+        fan_out.bytes.extend_from_slice(&frame);
+    }
+
+    /// Schedules the send of a gathering window, if one is needed.
+    fn schedule_fan_out(&mut self, ctx: &mut Context<Self>) {
+        if self.fan_out.frames.is_empty() || self.fan_out.scheduled {
+            return;
+        }
+        self.fan_out.scheduled = true;
+        let due = self.fan_out.last_sent.map_or(Duration::ZERO, |sent| {
+            (sent + self.fan_out.window).saturating_duration_since(Instant::now())
+        });
+        ctx.run_later(due, |actor, _| {
+            actor.fan_out.scheduled = false;
+            actor.send_fan_out();
+        });
+    }
+
+    /// Queues what the window gathered on every session: the same bytes
+    /// for all, but for a session that signed on during the window (only
+    /// what came after its snapshot) or whose user a frame is about (all
+    /// but that frame).
+    fn send_fan_out(&mut self) {
+        let FanOut {
+            bytes,
+            frames,
+            joined,
+            ..
+        } = self.fan_out_parts();
+        if frames.is_empty() {
+            return;
+        }
+        self.fan_out.last_sent = Some(Instant::now());
+        let all = Bytes::from(bytes);
+        let subjects: std::collections::HashSet<&str> =
+            frames.iter().map(|(_, subject)| subject.as_str()).collect();
+        let mut queued = 0u64;
+        for (user, online) in &self.online {
+            let about_user = subjects.contains(user.as_str());
+            for (session, link) in &online.sessions {
+                let from = joined.get(session).copied().unwrap_or(0);
+                let first = frames.partition_point(|(start, _)| *start < from);
+                let wanted = &frames[first..];
+                if wanted.is_empty() {
+                    continue;
+                }
+                let part = if about_user {
+                    let mut own = Vec::with_capacity(all.len() - from);
+                    for (n, (start, subject)) in wanted.iter().enumerate() {
+                        let end = wanted.get(n + 1).map_or(all.len(), |(next, _)| *next);
+                        if subject != user {
+                            own.extend_from_slice(&all[*start..end]);
+                            queued += 1;
+                        }
+                    }
+                    if own.is_empty() {
+                        continue;
+                    }
+                    Bytes::from(own)
+                } else {
+                    queued += wanted.len() as u64;
+                    all.slice(from..)
+                };
+                link.outbound.push(part);
+            }
+        }
+        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
+    }
+
+    /// Takes the gathered frames out of the fan-out, leaving its settings.
+    fn fan_out_parts(&mut self) -> FanOut {
+        FanOut {
+            bytes: std::mem::take(&mut self.fan_out.bytes),
+            frames: std::mem::take(&mut self.fan_out.frames),
+            joined: std::mem::take(&mut self.fan_out.joined),
+            ..FanOut::default()
+        }
+    }
+
+    /// Queues an encoded frame now on every session of every user but
+    /// `except`.
+    fn queue_everywhere_except(&self, except: &str, frame: Bytes) {
         let mut queued = 0u64;
         for (user, online) in &self.online {
             if user != except {
@@ -377,6 +517,9 @@ impl PresenceActor {
 impl actix::Supervised for PresenceActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.user_list_frames = None;
+        // The timer of a gathering window does not survive the restart.
+        self.fan_out.scheduled = false;
+        self.send_fan_out();
         self.online.retain(|_, user| {
             user.sessions.retain(|_, link| !link.outbound.is_closed());
             !user.sessions.is_empty()
@@ -428,6 +571,11 @@ impl PresenceActor {
                     },
                 );
             actor.queue_snapshot(&outbound, now);
+            // The snapshot covers what this window gathered so far.
+            if !actor.fan_out.bytes.is_empty() {
+                let covered = actor.fan_out.bytes.len();
+                actor.fan_out.joined.insert(msg.session, covered);
+            }
         });
     }
 
@@ -518,7 +666,11 @@ impl PresenceActor {
     fn user_added(&mut self, msg: UserAdded) {
         if self.users.insert(msg.user.clone()) {
             self.user_list_frames = None;
-            self.broadcast_except("", &Packet::AddUser { username: msg.user });
+            // A new user is never held back: whatever follows (its
+            // presence, a message from it) must find it listed.
+            self.send_fan_out();
+            let frame = Packet::AddUser { username: msg.user }.to_frame();
+            self.queue_everywhere_except("", Bytes::from(frame));
         }
     }
 
@@ -621,6 +773,7 @@ impl Handler<Register> for PresenceActor {
     fn handle(&mut self, msg: Register, ctx: &mut Context<Self>) {
         let outbound = msg.outbound.clone();
         crate::contain::<Self, _>(ctx, ACTOR, || self.register(msg), || outbound.close());
+        self.schedule_fan_out(ctx);
     }
 }
 
@@ -631,7 +784,9 @@ macro_rules! contained_handler {
             type Result = $result;
 
             fn handle(&mut self, msg: $message, ctx: &mut Context<Self>) -> $result {
-                crate::contain::<Self, _>(ctx, ACTOR, || self.$work(msg), $fallback)
+                let result = crate::contain::<Self, _>(ctx, ACTOR, || self.$work(msg), $fallback);
+                self.schedule_fan_out(ctx);
+                result
             }
         }
     };
@@ -765,5 +920,107 @@ mod tests {
             matches!(&next[0], Packet::StatusChange { username, status: Status::Idle, .. } if username == "alice"),
             "{next:?}"
         );
+    }
+
+    /// Nothing more arrives within `wait`.
+    async fn silent(client: &mut tokio::io::DuplexStream, wait: Duration) -> bool {
+        let read = read_frame(client, 1 << 16, Duration::from_secs(5));
+        tokio::time::timeout(wait, read).await.is_err()
+    }
+
+    async fn register(
+        presence: &actix::Addr<PresenceActor>,
+        user: &str,
+        id: SessionId,
+    ) -> tokio::io::DuplexStream {
+        let (outbound, read) = session();
+        presence
+            .send(Register {
+                user: user.into(),
+                session: id,
+                outbound,
+                peer: "127.0.0.1:1".parse().unwrap(),
+            })
+            .await
+            .unwrap();
+        read
+    }
+
+    fn online(user: &str) -> Packet {
+        status(user, Status::Online, None)
+    }
+
+    #[actix_rt::test]
+    async fn changes_within_the_fan_out_window_go_out_together_once_each() {
+        let users = ["alice", "bob", "carol", "dave"].map(String::from);
+        let presence = PresenceActor::new(users)
+            .with_fan_out_window(Duration::from_secs(1))
+            .start();
+        // After a quiet window, a change goes out at once.
+        let mut alice = register(&presence, "alice", 1).await;
+        assert_eq!(packets(&mut alice, 5).await[4], online("alice"));
+        // Within the window: gathered.
+        let mut bob = register(&presence, "bob", 2).await;
+        let mut carol = register(&presence, "carol", 3).await;
+        presence
+            .send(SetIdle {
+                user: "alice".into(),
+                session: 1,
+                idle_secs: 7,
+            })
+            .await
+            .unwrap();
+        assert!(
+            silent(&mut alice, Duration::from_millis(300)).await,
+            "bob's sign-on went out before the window ended"
+        );
+        // Snapshots are immediate and cover what was gathered before them.
+        assert_eq!(
+            packets(&mut bob, 6).await[4..],
+            [online("alice"), online("bob")]
+        );
+        assert_eq!(
+            packets(&mut carol, 7).await[4..],
+            [online("alice"), online("bob"), online("carol")]
+        );
+        // At the window's end each session gets what it lacks, once: not
+        // what its snapshot showed, not its own user's changes.
+        let alice_idle = status("alice", Status::Idle, Some(7));
+        assert_eq!(
+            packets(&mut alice, 2).await,
+            [online("bob"), online("carol")]
+        );
+        assert_eq!(
+            packets(&mut bob, 2).await,
+            [online("carol"), alice_idle.clone()]
+        );
+        assert_eq!(packets(&mut carol, 1).await, [alice_idle]);
+        for read in [&mut alice, &mut bob, &mut carol] {
+            assert!(
+                silent(read, Duration::from_millis(200)).await,
+                "a frame twice"
+            );
+        }
+
+        // A new user is never held back: what was gathered goes first, then
+        // its AddUser, at once.
+        let mut dave = register(&presence, "dave", 4).await;
+        packets(&mut dave, 8).await;
+        presence
+            .send(UserAdded {
+                user: "erin".into(),
+            })
+            .await
+            .unwrap();
+        let erin = Packet::AddUser {
+            username: "erin".into(),
+        };
+        let quickly = tokio::time::timeout(Duration::from_millis(500), packets(&mut carol, 2));
+        assert_eq!(
+            quickly.await.expect("held back"),
+            [online("dave"), erin.clone()]
+        );
+        assert_eq!(packets(&mut dave, 1).await, [erin]);
+        assert!(silent(&mut dave, Duration::from_millis(1200)).await);
     }
 }

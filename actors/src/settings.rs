@@ -141,6 +141,10 @@ pub struct Timeouts {
     pub id_retention_secs: u64,
     /// Under load, microseconds the flusher gathers writers before a flush.
     pub commit_window_micros: u64,
+    /// Under load, milliseconds presence gathers status changes before it
+    /// queues them on every session together (0: each at once). A change
+    /// after a quiet window goes out at once.
+    pub fan_out_window_millis: u64,
     /// How long failed logins are remembered, and a lockout lasts.
     pub login_lockout_secs: u64,
     /// Longest delay before answering a failed login, in milliseconds.
@@ -167,6 +171,7 @@ impl Default for Timeouts {
             keepalive_secs: 60,
             id_retention_secs: 24 * 3600,
             commit_window_micros: 1000,
+            fan_out_window_millis: 10,
             login_lockout_secs: 15 * 60,
             login_delay_max_ms: 4000,
             password_check_wait_secs: 10,
@@ -210,6 +215,9 @@ impl Timeouts {
     }
     pub fn commit_window(&self) -> Duration {
         Duration::from_micros(self.commit_window_micros)
+    }
+    pub fn fan_out_window(&self) -> Duration {
+        Duration::from_millis(self.fan_out_window_millis)
     }
     pub fn linger(&self) -> Duration {
         secs(self.linger_secs)
