@@ -65,38 +65,13 @@ impl Spawned {
                     ]);
                 }
             }
-            let addrs = NodeAddrs {
-                session: free_port()?,
-                message: free_port()?,
-            };
-            let exe = std::env::current_exe().context("finding the csm binary")?;
-            let child = Command::new(exe)
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .args(["--session-addr", &addrs.session.to_string()])
-                .args(["--message-addr", &addrs.message.to_string()])
-                .args(&args)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("CSM_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .spawn()
-                .context("starting csm serve")?;
+            let (child, addrs) = start_ready(&data_dir, &args, index)?;
             spawned.nodes.push(Node {
                 child,
                 _dir: dir,
-                data_dir: data_dir.clone(),
+                data_dir,
                 addrs,
             });
-            let started = Instant::now();
-            while !data_dir.join("admin.sock").exists() {
-                if started.elapsed() > Duration::from_secs(30) {
-                    bail!("spawned node {index} did not become ready in 30 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
         }
         Ok(spawned)
     }
@@ -134,6 +109,53 @@ impl Drop for Spawned {
             let _ = node.child.wait();
         }
     }
+}
+
+/// Starts `csm serve` on `data_dir` with free loopback ports and waits
+/// until it is ready. Another process can take a free port between the
+/// probe and the server's bind: a node that exits before it is ready is
+/// started again on other ports, three times at most.
+fn start_ready(data_dir: &Path, args: &[String], index: usize) -> Result<(Child, NodeAddrs)> {
+    let exe = std::env::current_exe().context("finding the csm binary")?;
+    for attempt in 1..=3 {
+        let addrs = NodeAddrs {
+            session: free_port()?,
+            message: free_port()?,
+        };
+        let mut child = Command::new(&exe)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--session-addr", &addrs.session.to_string()])
+            .args(["--message-addr", &addrs.message.to_string()])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("CSM_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting csm serve")?;
+        let started = Instant::now();
+        loop {
+            if data_dir.join("admin.sock").exists() {
+                return Ok((child, addrs));
+            }
+            if let Some(status) = child.try_wait()? {
+                log::warn!(
+                    "spawned node {index} exited before it was ready ({status}); try {attempt} of 3"
+                );
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("spawned node {index} did not become ready in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    bail!("spawned node {index} exited before it was ready, three times")
 }
 
 fn free_port() -> Result<SocketAddr> {
