@@ -153,6 +153,11 @@ pub struct PresenceActor {
     fan_out: FanOut,
 }
 
+/// The most bytes one window gathers: past them it is sent at once, so
+/// that a window stays small whatever the rate of changes (and so do the
+/// copies made for the sessions of the users it is about).
+const FAN_OUT_MAX_BYTES: usize = 64 * 1024;
+
 /// The fan-out of one window: frames for every session but their
 /// subject's, written to all at the window's end.
 #[derive(Default)]
@@ -405,6 +410,9 @@ impl PresenceActor {
             .frames
             .push((fan_out.bytes.len(), except.to_owned()));
         fan_out.bytes.extend_from_slice(&frame);
+        if fan_out.bytes.len() >= FAN_OUT_MAX_BYTES {
+            self.send_fan_out();
+        }
     }
 
     /// Schedules the send of a gathering window, if one is needed.
@@ -1022,5 +1030,44 @@ mod tests {
         );
         assert_eq!(packets(&mut dave, 1).await, [erin]);
         assert!(silent(&mut dave, Duration::from_millis(1200)).await);
+    }
+
+    #[actix_rt::test]
+    async fn a_window_that_gathers_its_limit_goes_out_before_its_end() {
+        let users = ["alice", "bob"].map(String::from);
+        let presence = PresenceActor::new(users)
+            .with_fan_out_window(Duration::from_secs(60))
+            .start();
+        let mut alice = register(&presence, "alice", 1).await;
+        packets(&mut alice, 3).await;
+        // Every change from here on is within the minute-long window.
+        let mut bob = register(&presence, "bob", 2).await;
+        packets(&mut bob, 4).await;
+        let idle = status("alice", Status::Idle, Some(1)).to_frame().len();
+        let back = status("alice", Status::Back, None).to_frame().len();
+        let toggles = 2 * FAN_OUT_MAX_BYTES / idle.min(back);
+        for n in 0..toggles {
+            if n % 2 == 0 {
+                let idle = SetIdle {
+                    user: "alice".into(),
+                    session: 1,
+                    idle_secs: 1,
+                };
+                presence.send(idle).await.unwrap();
+            } else {
+                let active = SetActive {
+                    user: "alice".into(),
+                    session: 1,
+                };
+                presence.send(active).await.unwrap();
+            }
+        }
+        // Twice the limit was gathered: at least one full window arrives
+        // now, not in a minute.
+        let arrived = packets(&mut bob, FAN_OUT_MAX_BYTES / idle.max(back)).await;
+        assert!(matches!(
+            &arrived[0],
+            Packet::StatusChange { username, status: Status::Idle, .. } if username == "alice"
+        ));
     }
 }
