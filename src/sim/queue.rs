@@ -39,10 +39,10 @@ pub struct QueueReport {
 pub(super) async fn offline_queue(driver: &mut Driver, pids: &[u32]) -> Result<QueueReport> {
     let users = driver.scenario.users;
     let queued = driver.scenario.queued;
-    let senders = (users / 2).max(1);
     if users < 2 {
         bail!("queueing messages needs at least 2 users");
     }
+    let senders = users / 2;
     let ledger = driver.world.ledger.clone();
     driver.sign_off_where(|index| index >= senders).await;
     driver.settle(Duration::from_millis(500)).await;
