@@ -435,15 +435,12 @@ impl PresenceActor {
     /// what came after its snapshot) or whose user a frame is about (all
     /// but that frame).
     fn send_fan_out(&mut self) {
-        let FanOut {
-            bytes,
-            frames,
-            joined,
-            ..
-        } = self.fan_out_parts();
-        if frames.is_empty() {
+        if self.fan_out.frames.is_empty() {
             return;
         }
+        let bytes = std::mem::take(&mut self.fan_out.bytes);
+        let frames = std::mem::take(&mut self.fan_out.frames);
+        let joined = std::mem::take(&mut self.fan_out.joined);
         self.fan_out.last_sent = Some(Instant::now());
         let all = Bytes::from(bytes);
         let subjects: std::collections::HashSet<&str> =
@@ -479,16 +476,6 @@ impl PresenceActor {
             }
         }
         metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
-    }
-
-    /// Takes the gathered frames out of the fan-out, leaving its settings.
-    fn fan_out_parts(&mut self) -> FanOut {
-        FanOut {
-            bytes: std::mem::take(&mut self.fan_out.bytes),
-            frames: std::mem::take(&mut self.fan_out.frames),
-            joined: std::mem::take(&mut self.fan_out.joined),
-            ..FanOut::default()
-        }
     }
 
     /// Queues an encoded frame now on every session of every user but

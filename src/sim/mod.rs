@@ -479,11 +479,11 @@ impl Driver {
         }
     }
 
-    /// Waits until no event has reached the ledger for `quiet` (at most
-    /// 30 s): the traffic of the last step is over.
-    async fn settle(&self, quiet: Duration) {
+    /// Waits until no event has reached the ledger for `quiet`, at most
+    /// `limit`: the traffic of the last step is over.
+    async fn settle(&self, quiet: Duration, limit: Duration) {
         let started = Instant::now();
-        while self.world.ledger.quiet_for() < quiet && started.elapsed() < Duration::from_secs(30) {
+        while self.world.ledger.quiet_for() < quiet && started.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -544,7 +544,9 @@ pub async fn run_scenario(
     let mut steady_from = None;
     if scenario.reconnect {
         driver.sign_off_all().await;
-        driver.settle(Duration::from_millis(500)).await;
+        driver
+            .settle(Duration::from_millis(500), Duration::from_secs(30))
+            .await;
         wave_from = process_usage(pids);
         (sign_on_rate, convergence) = driver
             .wave(first, scenario.reconnect_ramp, check_presence)
@@ -553,12 +555,9 @@ pub async fn run_scenario(
     }
     if scenario.hold {
         // Measure once the sign-on traffic has settled.
-        let settle = Instant::now();
-        while ledger.quiet_for() < Duration::from_secs(2)
-            && settle.elapsed() < Duration::from_secs(300)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        driver
+            .settle(Duration::from_secs(2), Duration::from_secs(300))
+            .await;
         let after = process_usage(pids);
         wave_until = after;
         // The sessions then sit idle; what the server holds for them is

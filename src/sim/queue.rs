@@ -45,7 +45,9 @@ pub(super) async fn offline_queue(driver: &mut Driver, pids: &[u32]) -> Result<Q
     let senders = users / 2;
     let ledger = driver.world.ledger.clone();
     driver.sign_off_where(|index| index >= senders).await;
-    driver.settle(Duration::from_millis(500)).await;
+    driver
+        .settle(Duration::from_millis(500), Duration::from_secs(30))
+        .await;
     if driver.online.is_empty() {
         bail!("no sender is signed on");
     }
