@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use csm_actors::auth::Authenticator;
 use csm_actors::cluster::{self, ClusterLink, Node, NodeTargets, PgDirectory, PgMail, PgSettings};
 use csm_actors::mailbox::MailboxActor;
-use csm_actors::mailbox::Mailboxes;
+use csm_actors::mailbox::{Mailboxes, Stager};
 use csm_actors::mailbox_handle::MailboxHandle;
 use csm_actors::presence::PresenceActor;
 use csm_actors::services::Backing;
@@ -126,6 +126,11 @@ impl Opened {
                 auth,
                 presence,
                 mailbox: MailboxHandle::of(&mailbox),
+                // Large data is written by the courier that read it.
+                stager: Some(Arc::new(Stager::new(
+                    store.clone(),
+                    config.limits.disk_reserve_bytes,
+                ))),
                 shared_db: None,
             },
             running: Running::Sled {
@@ -194,6 +199,7 @@ impl Opened {
                 auth,
                 presence,
                 mailbox: MailboxHandle::of(&mailbox),
+                stager: None,
                 shared_db: Some(pool),
             },
             running: Running::Postgres { node },

@@ -42,9 +42,10 @@ fn now_secs() -> f64 {
         .as_secs_f64()
 }
 
-/// One traced call: when, what, on which path.
+/// One traced call: when, on which thread, what, on which path.
 struct Call {
     at: f64,
+    thread: String,
     name: String,
     path: String,
 }
@@ -87,6 +88,7 @@ fn parse_trace(text: &str) -> Vec<Call> {
         };
         let parsed = Call {
             at,
+            thread: pid.to_owned(),
             name: name.to_owned(),
             path,
         };
@@ -113,6 +115,30 @@ fn serve_traced(dir: &Path, trace: &Path, session: SocketAddr, message: SocketAd
         .arg(trace)
         .arg(env!("CARGO_BIN_EXE_csm"));
     serve_at(strace, dir, session, message)
+}
+
+/// The server under strace: the traced child of `strace`.
+fn server_pid(strace: &Child) -> i32 {
+    let pid = Command::new("pgrep")
+        .args(["-P", &strace.id().to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&pid.stdout)
+        .trim()
+        .parse()
+        .expect("server pid")
+}
+
+/// Thread id to thread name (as the kernel keeps it, 15 bytes at most).
+fn thread_names(pid: i32) -> std::collections::HashMap<String, String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's threads")
+        .filter_map(|task| {
+            let tid = task.ok()?.file_name().into_string().ok()?;
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            Some((tid, name.trim_end().to_owned()))
+        })
+        .collect()
 }
 
 #[actix_rt::test]
@@ -168,6 +194,9 @@ async fn every_done_rests_on_an_fsync_of_what_holds_it() {
         .expect("send");
         dones.push(("send", round, begun, now_secs()));
     }
+    // The names of the server's threads, while those that synced the large
+    // sends' files are still there.
+    let threads = thread_names(server_pid(&server));
     for round in 0..ROUNDS {
         let begun = now_secs();
         let got = receive_message(
@@ -183,17 +212,7 @@ async fn every_done_rests_on_an_fsync_of_what_holds_it() {
         dones.push(("receive", round, begun, now_secs()));
     }
     // SIGTERM: the server drains and exits, and strace with it.
-    unsafe {
-        let pid = Command::new("pgrep")
-            .args(["-P", &server.id().to_string()])
-            .output()
-            .expect("pgrep");
-        let pid: i32 = String::from_utf8_lossy(&pid.stdout)
-            .trim()
-            .parse()
-            .expect("server pid");
-        libc::kill(pid, libc::SIGTERM);
-    }
+    unsafe { libc::kill(server_pid(&server), libc::SIGTERM) };
     assert!(server.wait().unwrap().success());
 
     let calls = parse_trace(&std::fs::read_to_string(&trace).unwrap());
@@ -231,6 +250,23 @@ async fn every_done_rests_on_an_fsync_of_what_holds_it() {
         assert!(
             in_window(&|p| p == spool),
             "{what} {round}: spool directory not synced"
+        );
+    }
+    // Those syncs ran on the blocking pool: an event loop, or the mailbox
+    // actor's thread that records every send, would stop everything it
+    // serves for as long as a large file takes to reach the disk.
+    let spool_syncs: Vec<&Call> = calls
+        .iter()
+        .filter(|c| is_sync(c) && c.path.starts_with(&format!("{spool}/")))
+        .collect();
+    assert!(!spool_syncs.is_empty(), "no spool file was synced");
+    for call in spool_syncs {
+        let name = threads
+            .get(&call.thread)
+            .unwrap_or_else(|| panic!("thread {} of a spool sync is gone", call.thread));
+        assert!(
+            !name.starts_with("actix-rt") && name != "csm",
+            "a spool file was synced on the event loop or actor thread {name:?}"
         );
     }
     // Every file sled wrote beside its log (a blob: a page too big for the

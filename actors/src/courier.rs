@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::budget::Reservation;
+use crate::mailbox::Stager;
 use crate::messages::{Deliver, Fetch, Remove};
 use crate::proto::data::{read_data_within, DataError, ReadDataError};
 use crate::proto::lines::{
@@ -20,7 +21,7 @@ use crate::proto::lines::{
 };
 use crate::proto::names::{valid_message_id, valid_username};
 use crate::services::{LoginOutcome, OwnedCountGuard, Services};
-use crate::store::MessageBody;
+use crate::store::{MessageBody, NewData};
 
 /// The one answer for an unknown user and a wrong password.
 pub const AUTH_REFUSED: &str = "unknown user or wrong password";
@@ -47,24 +48,30 @@ fn answer(code: ErrorCode, text: impl Into<String>) -> Fail {
 /// written to their sessions.
 const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The digest of a message ([`crate::mailbox::digest`]), here rather than on
-/// the shared mailbox actor's thread. SHA-256 of megabytes would hold up
-/// every connection of this thread too, so large data is hashed on the
-/// blocking pool.
-async fn digest_of(
+/// The digest of a message ([`crate::mailbox::digest`]) and its data as the
+/// mailbox takes it, made here rather than on the shared mailbox actor's
+/// thread. Large data is hashed, and staged into the spool when there is
+/// one, on the blocking pool: SHA-256 of megabytes and the sync of their
+/// file would hold up every connection of this thread too.
+async fn prepare(
     recipients: Vec<String>,
     data: Vec<u8>,
-) -> Result<(Vec<String>, Vec<u8>, Vec<u8>), Fail> {
+    stager: Option<Arc<Stager>>,
+) -> Result<(Vec<String>, NewData, Vec<u8>), Fail> {
     if data.len() < crate::store::SPOOL_FROM_BYTES {
         let digest = crate::mailbox::digest(&recipients, &data);
-        return Ok((recipients, data, digest));
+        return Ok((recipients, NewData::Bytes(data), digest));
     }
     tokio::task::spawn_blocking(move || {
         let digest = crate::mailbox::digest(&recipients, &data);
+        let data = match stager {
+            Some(stager) => stager.stage(data),
+            None => NewData::Bytes(data),
+        };
         (recipients, data, digest)
     })
     .await
-    .map_err(|e| answer(ErrorCode::Internal, format!("hashing the message: {e}")))
+    .map_err(|e| answer(ErrorCode::Internal, format!("preparing the message: {e}")))
 }
 
 /// Serves one message stream, from its first byte to its close.
@@ -254,7 +261,8 @@ where
         // until then.
         let mut reservation = self.services.budget.reservation();
         let data = self.data(&mut reservation).await?;
-        let (recipients, data, digest) = digest_of(recipients, data).await?;
+        let stager = self.services.stager.clone();
+        let (recipients, data, digest) = prepare(recipients, data, stager).await?;
         self.storing.set(true);
         let delivered = self
             .services

@@ -113,7 +113,9 @@ pub struct Deliver {
     pub id: String,
     /// Repeats already removed, in the order first named.
     pub recipients: Vec<String>,
-    pub data: Vec<u8>,
+    /// Large data is staged into the embedded store's spool by the
+    /// courier ([`crate::mailbox::Stager`]).
+    pub data: crate::store::NewData,
     /// [`crate::mailbox::digest`] of the recipients and the data, made by
     /// the courier on its own thread: what tells a retry from a conflict.
     pub digest: Vec<u8>,

@@ -10,6 +10,7 @@ use actix::Addr;
 
 use crate::auth::AuthError;
 use crate::auth::Authenticator;
+use crate::mailbox::Stager;
 use crate::mailbox_handle::MailboxHandle;
 use crate::presence::PresenceActor;
 use crate::proto::names::{valid_password, valid_username};
@@ -26,6 +27,9 @@ pub struct Services {
     pub auth: Arc<Authenticator>,
     pub presence: Addr<PresenceActor>,
     pub mailbox: MailboxHandle,
+    /// Writes large message data to the embedded store's spool before the
+    /// mailbox gets it; `None` where the database keeps all data.
+    pub stager: Option<Arc<Stager>>,
     /// The shared database, when several nodes share one (for the views
     /// of every node, such as `admin sessions`).
     pub shared_db: Option<deadpool_postgres::Pool>,
@@ -50,6 +54,7 @@ pub struct Backing {
     pub auth: Arc<Authenticator>,
     pub presence: Addr<PresenceActor>,
     pub mailbox: MailboxHandle,
+    pub stager: Option<Arc<Stager>>,
     pub shared_db: Option<deadpool_postgres::Pool>,
 }
 
@@ -61,6 +66,7 @@ impl Services {
             auth,
             presence,
             mailbox,
+            stager,
             shared_db,
         } = backing;
         let throttle = LoginThrottle::new(limits.throttle(&timeouts));
@@ -72,6 +78,7 @@ impl Services {
             auth,
             presence,
             mailbox,
+            stager,
             shared_db,
             shutting_down: AtomicBool::new(false),
             exchanges: AtomicUsize::new(0),

@@ -179,7 +179,7 @@ impl Handler<Deliver> for SharedMailboxActor {
         let (id, from, size, recipients) = (
             msg.id.clone(),
             msg.sender.clone(),
-            msg.data.len() as u64,
+            msg.data.size(),
             msg.recipients.clone(),
         );
         Box::pin(async move { mail.deliver(msg).await }.into_actor(self).map(

@@ -72,6 +72,7 @@ async fn run(url: &str, data_dir: &Path, request: Request) -> Outcome {
                 auth,
                 presence: PresenceActor::new(Vec::<String>::new()).start(),
                 mailbox: MailboxHandle::of(&mailbox),
+                stager: None,
                 shared_db: Some(pool),
             },
         );

@@ -281,6 +281,8 @@ impl Handler<Deliver> for MailboxActor {
                     sender: &msg.sender,
                     id: &msg.id,
                     recipients: &msg.recipients,
+                    // Staged data not recorded here is unlinked when `msg`
+                    // is dropped at the end of this handler.
                     data: &msg.data,
                     digest: &msg.digest,
                 })

@@ -75,9 +75,7 @@ impl Mailboxes {
             return Ok(());
         };
         metrics::gauge!(crate::metrics::DISK_FREE_BYTES).set(free as f64);
-        // The data, its header and the store's own bookkeeping.
-        let needed = size.saturating_add(64 * 1024);
-        if free >= reserve.saturating_add(needed) {
+        if room_for(free, reserve, size) {
             if std::mem::take(&mut self.disk_low) {
                 log::warn!("disk space back ({free} bytes free): accepting sends again");
             }
@@ -89,13 +87,24 @@ impl Mailboxes {
                  refusing sends until space returns"
             );
         }
-        metrics::counter!(crate::metrics::SENDS_REFUSED_DISK_LOW).increment(1);
-        Err(StreamError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "the server is low on disk space ({free} bytes free, {reserve} kept in reserve); \
-                 try again later"
-            ),
-        ))
+        Err(low_on_disk(free, reserve))
     }
+}
+
+/// Whether `size` bytes of data, its header and the store's own
+/// bookkeeping fit in `free` bytes without eating into `reserve`.
+pub(super) fn room_for(free: u64, reserve: u64, size: u64) -> bool {
+    free >= reserve.saturating_add(size.saturating_add(64 * 1024))
+}
+
+/// The refusal of a send that would eat into the disk reserve.
+pub(super) fn low_on_disk(free: u64, reserve: u64) -> StreamError {
+    metrics::counter!(crate::metrics::SENDS_REFUSED_DISK_LOW).increment(1);
+    StreamError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "the server is low on disk space ({free} bytes free, {reserve} kept in reserve); \
+             try again later"
+        ),
+    )
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::proto::lines::{ErrorCode, StreamError};
 use crate::settings::{Limits, Timeouts};
-use crate::store::{unix_now, Fetched, IdRecord, MessageHeader, Store, StoreError};
+use crate::store::{unix_now, Fetched, IdRecord, MessageHeader, NewData, Store, StoreError};
 
 use super::disk::{cannot_write, is_disk_failure};
 
@@ -73,7 +73,7 @@ pub struct NewMessage<'a> {
     pub id: &'a str,
     /// Recipients, repeats removed, in the order first named.
     pub recipients: &'a [String],
-    pub data: &'a [u8],
+    pub data: &'a NewData,
     /// [`digest`] of the recipients and the data.
     pub digest: &'a [u8],
 }
@@ -248,7 +248,7 @@ impl Mailboxes {
                 ));
             }
         }
-        let size = msg.data.len() as u64;
+        let size = msg.data.size();
         for recipient in msg.recipients {
             let (count, bytes) = self
                 .boxes
@@ -267,8 +267,17 @@ impl Mailboxes {
                 "message id already used for another message",
             ));
         }
-        self.check_disk_space(size)?;
-        let seq = self.store.next_seq().map_err(internal)?;
+        // Staged data is on the disk already: only its record is to come.
+        let seq = match msg.data {
+            NewData::Staged(staged) => {
+                self.check_disk_space(0)?;
+                staged.seq()
+            }
+            NewData::Bytes(_) => {
+                self.check_disk_space(size)?;
+                self.store.next_seq().map_err(internal)?
+            }
+        };
         let now = unix_now();
         let header = MessageHeader {
             id: msg.id.to_owned(),
@@ -423,13 +432,14 @@ mod tests {
     /// A message from alice to `to`, stored through `mailboxes`.
     fn send_to(mailboxes: &mut Mailboxes, id: &str, to: &str) -> Result<Stored, StreamError> {
         let recipients = [to.to_owned()];
-        let data = [0; 6];
+        let bytes = vec![0; 6];
+        let digest = digest(&recipients, &bytes);
         mailboxes.store_message(NewMessage {
             sender: "alice",
             id,
             recipients: &recipients,
-            data: &data,
-            digest: &digest(&recipients, &data),
+            data: &NewData::Bytes(bytes),
+            digest: &digest,
         })
     }
 
@@ -581,7 +591,9 @@ mod tests {
                 seq,
                 accepted_unix: 0,
             };
-            store.put_message(seq, &header, &[0; 6], &id).unwrap();
+            store
+                .put_message(seq, &header, &NewData::Bytes(vec![0; 6]), &id)
+                .unwrap();
         }
         store.flush().unwrap();
         let mut times = Vec::new();

@@ -570,7 +570,7 @@ mod tests {
     #[test]
     fn deep_nesting_is_rejected() {
         let mut body = vec![0x81, 0xa1, b'x'];
-        body.extend(std::iter::repeat(0x91).take(10_000));
+        body.extend(std::iter::repeat_n(0x91, 10_000));
         body.push(0xc0);
         assert!(matches!(
             Packet::decode(&body),

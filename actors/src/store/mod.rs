@@ -20,7 +20,7 @@ use thiserror::Error;
 pub use commit::{CommitError, Flusher, GroupCommit};
 pub use directory::{Directory, SledDirectory};
 pub use sled_store::{SledStore, MAX_REOPENS};
-pub use spool::SPOOL_FROM_BYTES;
+pub use spool::{StagedData, SPOOL_FROM_BYTES};
 
 /// A failure of the store, whichever backend it is.
 #[derive(Debug, Error)]
@@ -145,6 +145,32 @@ impl MessageBody {
     }
 }
 
+/// The data of a message to store: in memory, or already written into the
+/// spool by [`Store::stage`], off the thread that records it.
+#[derive(Debug)]
+pub enum NewData {
+    Bytes(Vec<u8>),
+    Staged(StagedData),
+}
+
+impl NewData {
+    /// Bytes of data.
+    pub fn size(&self) -> u64 {
+        match self {
+            NewData::Bytes(bytes) => bytes.len() as u64,
+            NewData::Staged(staged) => staged.size(),
+        }
+    }
+
+    /// The data in memory (staged data is read back).
+    pub fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            NewData::Bytes(bytes) => Ok(bytes),
+            NewData::Staged(staged) => staged.read(),
+        }
+    }
+}
+
 /// A message as a receiver gets it.
 #[derive(Debug)]
 pub struct Fetched {
@@ -183,13 +209,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// A fresh, increasing message sequence number.
     fn next_seq(&self) -> Result<u64, StoreError>;
+    /// Writes data that the store keeps in a file of its own into that
+    /// file, durably, under a fresh sequence number, ahead of the
+    /// [`Store::put_message`] that records it: the caller's thread waits
+    /// for the disk, not the one that records. `None` for data the store
+    /// keeps inline.
+    fn stage(&self, _data: &[u8]) -> Result<Option<StagedData>, StoreError> {
+        Ok(None)
+    }
     /// Writes the message data once, one mailbox entry per recipient and
-    /// the id record, in one atomic batch.
+    /// the id record, in one atomic batch. Staged data must have been
+    /// staged under `seq`.
     fn put_message(
         &self,
         seq: u64,
         header: &MessageHeader,
-        data: &[u8],
+        data: &NewData,
         id_record: &IdRecord,
     ) -> Result<(), StoreError>;
     fn message_header(&self, seq: u64) -> Result<Option<MessageHeader>, StoreError>;

@@ -24,10 +24,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::platter::Platter;
-use super::spool::{Spool, SPOOL_FROM_BYTES};
+use super::spool::{Spool, StagedData, SPOOL_FROM_BYTES};
 use super::{
-    DatedId, IdRecord, MailboxEntry, MessageBody, MessageHeader, Store, StoreError, UserRecord,
-    WrittenOut,
+    DatedId, IdRecord, MailboxEntry, MessageBody, MessageHeader, NewData, Store, StoreError,
+    UserRecord, WrittenOut,
 };
 
 const USER: u8 = b'u';
@@ -225,11 +225,15 @@ impl SledStore {
     /// reports records whose file is missing.
     fn reconcile_spool(&self) -> Result<(), StoreError> {
         let files: std::collections::HashSet<u64> = self.spool.list()?.into_iter().collect();
+        // A file staged ahead of its record is marked before it exists, so
+        // every listed file staged now is in this set. Records are written
+        // only by the mailbox actor, which waits while this runs.
+        let staged = self.spool.staged_now();
         let recorded = self.spooled_seqs()?;
         let orphans: Vec<u64> = files
             .iter()
             .copied()
-            .filter(|seq| !recorded.contains(seq))
+            .filter(|seq| !recorded.contains(seq) && !staged.contains(seq))
             .collect();
         if !orphans.is_empty() {
             log::info!("removing {} unreferenced spool files", orphans.len());
@@ -418,24 +422,49 @@ impl Store for SledStore {
         Ok(db.generate_id()?)
     }
 
+    fn stage(&self, data: &[u8]) -> Result<Option<StagedData>, StoreError> {
+        if data.len() < SPOOL_FROM_BYTES {
+            return Ok(None);
+        }
+        // A failed store takes no send: writing the file would be in vain.
+        self.db().usable()?;
+        let seq = self.next_seq()?;
+        Ok(Some(self.spool.stage(seq, data)?))
+    }
+
     fn put_message(
         &self,
         seq: u64,
         header: &MessageHeader,
-        data: &[u8],
+        data: &NewData,
         id_record: &IdRecord,
     ) -> Result<(), StoreError> {
         let db = self.db();
         db.usable()?;
-        // A failed file write leaves the database untouched and usable.
-        let spooled = data.len() >= SPOOL_FROM_BYTES;
         let mut batch = sled::Batch::default();
         batch.insert(seq_key(HEADER, seq), encode(header));
-        if spooled {
-            self.spool.write(seq, data)?;
-            batch.insert(seq_key(SPOOLED, seq), &[][..]);
-        } else {
-            batch.insert(seq_key(DATA, seq), data);
+        // Data written here rather than staged is unlinked again if the
+        // batch fails; staged data is its `StagedData`'s to unlink.
+        let mut written_here = false;
+        match data {
+            NewData::Bytes(bytes) if bytes.len() < SPOOL_FROM_BYTES => {
+                batch.insert(seq_key(DATA, seq), bytes.as_slice());
+            }
+            NewData::Bytes(bytes) => {
+                // A failed file write leaves the database untouched.
+                self.spool.write(seq, bytes)?;
+                written_here = true;
+                batch.insert(seq_key(SPOOLED, seq), &[][..]);
+            }
+            NewData::Staged(staged) if staged.seq() == seq => {
+                batch.insert(seq_key(SPOOLED, seq), &[][..]);
+            }
+            NewData::Staged(staged) => {
+                return Err(StoreError::Db(format!(
+                    "data staged as message {} recorded as message {seq}",
+                    staged.seq()
+                )))
+            }
         }
         for recipient in &header.recipients {
             batch.insert(mailbox_key(recipient, seq), &[][..]);
@@ -446,8 +475,10 @@ impl Store for SledStore {
             &[][..],
         );
         let applied = db.watch(db.apply_batch(batch));
-        if applied.is_err() && spooled {
-            self.spool.unlink(&[seq]);
+        match (&applied, data) {
+            (Ok(()), NewData::Staged(_)) => self.spool.recorded(seq),
+            (Err(_), _) if written_here => self.spool.unlink(&[seq]),
+            _ => {}
         }
         applied
     }
@@ -710,7 +741,7 @@ mod tests {
                 .put_message(
                     seq,
                     &header("m1", &["bob", "carol"]),
-                    b"abc",
+                    &NewData::Bytes(b"abc".to_vec()),
                     &id_record(seq),
                 )
                 .unwrap();
@@ -740,7 +771,7 @@ mod tests {
                 .put_message(
                     seq,
                     &header(&format!("id{i}"), &[user]),
-                    b"x",
+                    &NewData::Bytes(b"x".to_vec()),
                     &id_record(seq),
                 )
                 .unwrap();
@@ -761,16 +792,78 @@ mod tests {
     }
 
     #[test]
+    fn staged_data_is_kept_once_recorded_and_unlinked_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let big = vec![5u8; SPOOL_FROM_BYTES];
+        assert!(
+            store.stage(&big[1..]).unwrap().is_none(),
+            "small data is inline"
+        );
+
+        // Refused after staging: dropping it removes its file.
+        let refused = store.stage(&big).unwrap().expect("large data is staged");
+        assert_eq!(spool_files(dir.path()).len(), 1);
+        drop(refused);
+        assert!(
+            spool_files(dir.path()).is_empty(),
+            "a refused send's file stays"
+        );
+
+        // A reconciliation while a file waits for its record keeps it.
+        let staged = store.stage(&big).unwrap().expect("staged");
+        let seq = staged.seq();
+        store.reconcile_spool().unwrap();
+        assert_eq!(
+            spool_files(dir.path()).len(),
+            1,
+            "a staged file taken for an orphan"
+        );
+        let data = NewData::Staged(staged);
+        store
+            .put_message(seq, &header("big", &["bob"]), &data, &id_record(seq))
+            .unwrap();
+        drop(data);
+        store.flush().unwrap();
+        assert_eq!(store.message_data(seq).unwrap().unwrap(), big);
+
+        // Staged under one number, recorded under another: refused, and
+        // nothing is recorded.
+        let staged = store.stage(&big).unwrap().expect("staged");
+        let other = staged.seq() + 1;
+        let data = NewData::Staged(staged);
+        assert!(store
+            .put_message(other, &header("wrong", &["bob"]), &data, &id_record(other))
+            .is_err());
+        drop(data);
+        assert!(store.get_id("wrong").unwrap().is_none());
+        assert_eq!(spool_files(dir.path()).len(), 1);
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.message_data(seq).unwrap().unwrap(), big);
+    }
+
+    #[test]
     fn a_message_whose_data_file_is_gone_is_dropped_at_open_not_announced() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![7u8; SPOOL_FROM_BYTES];
         {
             let store = SledStore::open(dir.path()).unwrap();
             store
-                .put_message(7, &header("big", &["bob", "carol"]), &big, &id_record(7))
+                .put_message(
+                    7,
+                    &header("big", &["bob", "carol"]),
+                    &NewData::Bytes(big.clone()),
+                    &id_record(7),
+                )
                 .unwrap();
             store
-                .put_message(8, &header("kept", &["bob"]), &big, &id_record(8))
+                .put_message(
+                    8,
+                    &header("kept", &["bob"]),
+                    &NewData::Bytes(big.clone()),
+                    &id_record(8),
+                )
                 .unwrap();
             store.flush().unwrap();
         }
@@ -794,10 +887,20 @@ mod tests {
         let small = vec![1u8; SPOOL_FROM_BYTES - 1];
         let store = SledStore::open(dir.path()).unwrap();
         store
-            .put_message(7, &header("big", &["bob"]), &big, &id_record(7))
+            .put_message(
+                7,
+                &header("big", &["bob"]),
+                &NewData::Bytes(big.clone()),
+                &id_record(7),
+            )
             .unwrap();
         store
-            .put_message(8, &header("small", &["bob"]), &small, &id_record(8))
+            .put_message(
+                8,
+                &header("small", &["bob"]),
+                &NewData::Bytes(small.clone()),
+                &id_record(8),
+            )
             .unwrap();
         store.flush().unwrap();
         assert_eq!(spool_files(dir.path()), vec![format!("{:016x}", 7)]);
@@ -822,10 +925,20 @@ mod tests {
         {
             let store = SledStore::open(dir.path()).unwrap();
             store
-                .put_message(3, &header("kept", &["bob"]), &big, &id_record(3))
+                .put_message(
+                    3,
+                    &header("kept", &["bob"]),
+                    &NewData::Bytes(big.clone()),
+                    &id_record(3),
+                )
                 .unwrap();
             store
-                .put_message(4, &header("gone", &["bob"]), &big, &id_record(4))
+                .put_message(
+                    4,
+                    &header("gone", &["bob"]),
+                    &NewData::Bytes(big.clone()),
+                    &id_record(4),
+                )
                 .unwrap();
             store.remove_entry("bob", 4, true).unwrap();
             // A crash after this flush, before the unlink, leaves the file.

@@ -10,20 +10,65 @@
 //! crash without its file. A file is unlinked only after the flush that
 //! made its removal durable, so a crash in between leaves an orphan file,
 //! which the next open deletes.
+//!
+//! A file may be written ahead of its record ([`Spool::stage`]), on the
+//! thread that read the message, so that the mailbox actor, which writes
+//! the records of every send, never waits for a large file to reach the
+//! disk. A staged file is not an orphan until the [`StagedData`] that names
+//! it is dropped unrecorded, which unlinks it.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Data of at least this many bytes goes to a spool file.
 pub const SPOOL_FROM_BYTES: usize = 64 * 1024;
 
 /// The spool directory of one store.
+#[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     /// Files whose removal waits for the next flush.
     unlink_after_flush: Mutex<Vec<u64>>,
+    /// Files written ahead of their record, not recorded yet.
+    staged: Mutex<HashSet<u64>>,
+}
+
+/// The data of a message written into the spool ahead of its record. If it
+/// is dropped before the record is written (the send was refused, or never
+/// reached the mailbox), its file is unlinked.
+#[derive(Debug)]
+pub struct StagedData {
+    seq: u64,
+    len: u64,
+    spool: Arc<Spool>,
+}
+
+impl StagedData {
+    /// The message number the file is named by, which its record must use.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Bytes of data.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// The data, read back whole.
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        self.spool.read(self.seq)
+    }
+}
+
+impl Drop for StagedData {
+    fn drop(&mut self) {
+        if self.spool.staged().remove(&self.seq) {
+            self.spool.unlink(&[self.seq]);
+        }
+    }
 }
 
 impl Spool {
@@ -33,6 +78,7 @@ impl Spool {
         Ok(Spool {
             dir,
             unlink_after_flush: Mutex::new(Vec::new()),
+            staged: Mutex::new(HashSet::new()),
         })
     }
 
@@ -54,6 +100,37 @@ impl Spool {
             let _ = fs::remove_file(&path);
         }
         written
+    }
+
+    /// Writes the data of message `seq` ahead of its record and makes it
+    /// durable; until [`Spool::recorded`], the file is not an orphan.
+    pub fn stage(self: &Arc<Self>, seq: u64, data: &[u8]) -> io::Result<StagedData> {
+        // Marked before the file exists: a reconciliation listing the
+        // directory meanwhile must not take it for an orphan.
+        self.staged().insert(seq);
+        let staged = StagedData {
+            seq,
+            len: data.len() as u64,
+            spool: self.clone(),
+        };
+        // On failure, dropping `staged` removes what was written.
+        self.write(seq, data)?;
+        Ok(staged)
+    }
+
+    /// The record naming staged file `seq` is written: it is no longer the
+    /// [`StagedData`]'s to unlink.
+    pub fn recorded(&self, seq: u64) {
+        self.staged().remove(&seq);
+    }
+
+    /// The files written ahead of their record now.
+    pub fn staged_now(&self) -> HashSet<u64> {
+        self.staged().clone()
+    }
+
+    fn staged(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn read(&self, seq: u64) -> io::Result<Vec<u8>> {
@@ -116,7 +193,7 @@ impl Spool {
         sync_dir(&self.dir)
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+    fn pending(&self) -> MutexGuard<'_, Vec<u64>> {
         self.unlink_after_flush
             .lock()
             .unwrap_or_else(|p| p.into_inner())
