@@ -100,7 +100,8 @@ impl Opened {
             config.timeouts.commit_window(),
         )
         .context("starting the flusher")?;
-        let users: Arc<dyn Directory> = Arc::new(SledDirectory::new(store.clone(), commit.clone()));
+        let users: Arc<dyn Directory> =
+            Arc::new(SledDirectory::new(store.clone(), commit.clone())?);
         let auth = Arc::new(Authenticator::new(
             users.clone(),
             config.limits.auth(&config.timeouts),

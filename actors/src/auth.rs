@@ -408,7 +408,7 @@ mod tests {
             .unwrap();
         let (commit, _flusher) =
             GroupCommit::start(store.clone(), 16, std::time::Duration::ZERO).unwrap();
-        let users = Arc::new(SledDirectory::new(store.clone(), commit));
+        let users = Arc::new(SledDirectory::new(store.clone(), commit).unwrap());
         let auth = Authenticator::new(users, AuthSettings::default()).unwrap();
         assert!(auth.verify("alice", "secret").await.unwrap());
         assert!(auth.cache_lock().contains_key("alice"));
@@ -440,7 +440,7 @@ mod tests {
         store.add_user("bob", &record).unwrap();
         let (commit, _flusher) =
             GroupCommit::start(store.clone(), 16, std::time::Duration::ZERO).unwrap();
-        let users = Arc::new(SledDirectory::new(store.clone(), commit));
+        let users = Arc::new(SledDirectory::new(store.clone(), commit).unwrap());
         let auth = Arc::new(Authenticator::new(users, AuthSettings::default()).unwrap());
         let checking = tokio::spawn({
             let auth = auth.clone();

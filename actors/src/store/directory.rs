@@ -4,7 +4,8 @@
 //! at once. [`SledDirectory`] serves it from the embedded store, committing
 //! through the group-commit thread.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -49,23 +50,50 @@ pub trait Directory: Send + Sync + 'static {
 }
 
 /// The embedded store's users; writes are made durable by group commit.
+/// Every call that reads or writes the store runs on the blocking pool: a
+/// read that misses sled's cache waits for the disk, and the callers are
+/// event loops that serve thousands of connections.
 pub struct SledDirectory {
     store: Arc<dyn Store>,
     commit: GroupCommit,
+    /// Every user's name, so that a courier checks each recipient of each
+    /// message in memory ([`Directory::user_exists`]). This directory makes
+    /// every change to the users while the server holds the store.
+    names: RwLock<HashSet<String>>,
 }
 
 impl SledDirectory {
-    pub fn new(store: Arc<dyn Store>, commit: GroupCommit) -> SledDirectory {
-        SledDirectory { store, commit }
+    /// The directory of `store`, with its user names read once.
+    pub fn new(store: Arc<dyn Store>, commit: GroupCommit) -> Result<SledDirectory, StoreError> {
+        let names = store.list_users()?.into_iter().collect();
+        Ok(SledDirectory {
+            store,
+            commit,
+            names: RwLock::new(names),
+        })
     }
 
-    async fn committed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
-        let value = result?;
+    /// Runs `call` on the store, on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&*store))
+            .await
+            .map_err(|e| StoreError::Db(format!("a store call failed: {e}")))?
+    }
+
+    async fn committed<T>(&self, value: T) -> Result<T, StoreError> {
         self.commit
             .commit()
             .await
             .map_err(|e| StoreError::Db(e.to_string()))?;
         Ok(value)
+    }
+
+    fn names(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<String>> {
+        self.names.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -74,7 +102,8 @@ impl Directory for SledDirectory {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<UserRecord>, StoreError>> {
-        futures_util::future::ready(self.store.get_user(name)).boxed()
+        let name = name.to_owned();
+        self.blocking(move |store| store.get_user(&name)).boxed()
     }
 
     fn add_user<'a>(
@@ -82,7 +111,15 @@ impl Directory for SledDirectory {
         name: &'a str,
         record: &'a UserRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.committed(self.store.add_user(name, record)).boxed()
+        async move {
+            let (owned, record) = (name.to_owned(), record.clone());
+            self.blocking(move |store| store.add_user(&owned, &record))
+                .await?;
+            self.committed(()).await?;
+            self.names().insert(name.to_owned());
+            Ok(())
+        }
+        .boxed()
     }
 
     fn update_user<'a>(
@@ -90,19 +127,52 @@ impl Directory for SledDirectory {
         name: &'a str,
         record: &'a UserRecord,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.committed(self.store.update_user(name, record)).boxed()
+        async move {
+            let (name, record) = (name.to_owned(), record.clone());
+            let updated = self
+                .blocking(move |store| store.update_user(&name, &record))
+                .await?;
+            self.committed(updated).await
+        }
+        .boxed()
     }
 
     fn remove_user<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<usize>, StoreError>> {
-        // The mailbox actor drops the mailbox.
-        let removed = self.store.remove_user(name).map(|gone| gone.then_some(0));
-        self.committed(removed).boxed()
+        async move {
+            // Gone for every later message before the store hears of it;
+            // a send already past this check is caught by the mailbox,
+            // which checks each recipient again as it stores.
+            let known = self.names().remove(name);
+            let owned = name.to_owned();
+            let removed = self.blocking(move |store| store.remove_user(&owned)).await;
+            let removed = match removed {
+                Ok(removed) => removed,
+                Err(e) => {
+                    if known {
+                        self.names().insert(name.to_owned());
+                    }
+                    return Err(e);
+                }
+            };
+            // The mailbox actor drops the mailbox.
+            self.committed(removed.then_some(0)).await
+        }
+        .boxed()
     }
 
     fn list_users(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        futures_util::future::ready(self.store.list_users()).boxed()
+        self.blocking(|store| store.list_users()).boxed()
+    }
+
+    fn user_exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let known = self
+            .names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
+        futures_util::future::ready(Ok(known)).boxed()
     }
 }

@@ -791,6 +791,65 @@ mod tests {
         names
     }
 
+    #[actix_rt::test]
+    async fn user_lookups_wait_for_the_store_off_the_event_loop() {
+        use super::super::{Directory, GroupCommit, SledDirectory};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let record = UserRecord {
+            password_hash: "h".into(),
+            created_unix: 0,
+        };
+        store.add_user("bob", &record).unwrap();
+        let shared: std::sync::Arc<dyn Store> = std::sync::Arc::new(store.clone());
+        let (commit, _flusher) = GroupCommit::start(shared.clone(), 16, Duration::ZERO).unwrap();
+        let directory = SledDirectory::new(shared, commit).unwrap();
+
+        // The store is held as a reopen holds it, for a while: every read
+        // of it waits, as a read that misses the cache waits for the disk.
+        let handle = store.db.clone();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _held = handle.write();
+            locked.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        is_locked.recv().unwrap();
+        // A recipient check is answered from memory.
+        assert!(directory.user_exists("bob").await.unwrap());
+        assert!(!directory.user_exists("carol").await.unwrap());
+        // A lookup waits on the blocking pool, and this thread runs on.
+        let ticks = std::cell::Cell::new(0u32);
+        let ticker = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.set(ticks.get() + 1);
+            }
+        };
+        let found = tokio::select! {
+            found = directory.get_user("bob") => found.unwrap(),
+            () = ticker => unreachable!(),
+        };
+        assert_eq!(found, Some(record));
+        assert!(
+            ticks.get() >= 3,
+            "the event loop stood still while a lookup waited ({} ticks)",
+            ticks.get()
+        );
+        holder.join().unwrap();
+
+        // Changes through the directory keep its names.
+        directory.remove_user("bob").await.unwrap();
+        assert!(!directory.user_exists("bob").await.unwrap());
+        let carol = UserRecord {
+            password_hash: "c".into(),
+            created_unix: 0,
+        };
+        directory.add_user("carol", &carol).await.unwrap();
+        assert!(directory.user_exists("carol").await.unwrap());
+    }
+
     #[test]
     fn staged_data_is_kept_once_recorded_and_unlinked_otherwise() {
         let dir = tempfile::tempdir().unwrap();
