@@ -88,6 +88,80 @@ async fn backup_of_a_running_server_restores() {
     assert!(restored.receive("bob", "b2").await.is_err());
 }
 
+/// A backup copies the records between two mailbox writes, then copies
+/// the message files while sends go on: a send made while the files are
+/// being copied is answered before the backup is done (it is not in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_go_on_while_a_backup_copies_the_message_files() {
+    let server = TestServer::start();
+    for user in ["alice", "bob", "carol"] {
+        server.add_user(user, &password_of(user));
+    }
+    const LARGE: usize = 24;
+    let large = |n: usize| {
+        csm_actors::proto::MessageData::new(
+            "large",
+            vec![csm_actors::proto::Attachment::new(
+                "a",
+                vec![n as u8; 2 << 20],
+            )],
+        )
+        .encode()
+        .unwrap()
+    };
+    for n in 0..LARGE {
+        let id = format!("large{n}");
+        server
+            .send("alice", &id, &["bob"], &large(n))
+            .await
+            .unwrap();
+    }
+    let small = sample_data("sent during the backup");
+    server
+        .send("alice", "warm", &["carol"], &small)
+        .await
+        .unwrap();
+
+    let backups = tempfile::tempdir().unwrap();
+    let target = backups.path().join("csm-backup");
+    let copied_files = csm::config::store_dir(&target).join("spool");
+    let backup = tokio::task::spawn_blocking({
+        let data_dir = server.data_dir.clone();
+        let dir = target.display().to_string();
+        move || csm::admin::execute(&data_dir, Request::Backup { dir })
+    });
+    // The records are copied once the backup's spool directory exists.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !copied_files.exists() {
+        assert!(Instant::now() < deadline, "the backup never began");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    server
+        .send("alice", "during", &["carol"], &small)
+        .await
+        .unwrap();
+    assert!(
+        !backup.is_finished(),
+        "the send waited for the backup to copy {LARGE} files of 2 MiB"
+    );
+    match backup.await.unwrap() {
+        Ok(Reply::Done { .. }) => {}
+        other => panic!("backup: {other:?}"),
+    }
+    server.stop();
+
+    let restored = TestServer::start_in(&target, |_| {});
+    for n in [0, LARGE - 1] {
+        let got = restored.receive("bob", &format!("large{n}")).await.unwrap();
+        assert!(got.data == large(n), "large{n} came back changed");
+    }
+    assert!(restored.receive("carol", "warm").await.is_ok());
+    assert!(
+        restored.receive("carol", "during").await.is_err(),
+        "a send after the records were copied is in the backup"
+    );
+}
+
 #[test]
 fn offline_backup_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();

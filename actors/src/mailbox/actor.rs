@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, MessageResult, ResponseActFuture,
-    WrapFuture,
+    ResponseFuture, WrapFuture,
 };
 
 use super::{internal, IdPruning, Mailboxes, NewMessage, Stored, Uncommitted};
@@ -353,17 +353,27 @@ impl Handler<DropMailbox> for MailboxActor {
     }
 }
 
+/// The records are copied here, between two mailbox writes, so that the
+/// copy holds no half-stored message; the message files, which may be
+/// gigabytes, are copied on the blocking pool while sends go on.
 impl Handler<Backup> for MailboxActor {
-    type Result = Result<(), StreamError>;
+    type Result = ResponseFuture<Result<(), StreamError>>;
 
     fn handle(&mut self, msg: Backup, ctx: &mut Context<Self>) -> Self::Result {
         let mailboxes = &self.mailboxes;
-        crate::contain::<Self, _>(
+        let records = crate::contain::<Self, _>(
             ctx,
             ACTOR,
             || mailboxes.backup(&msg.dir),
             || Err(failed_here()),
-        )
+        );
+        Box::pin(async move {
+            let pending = records?;
+            tokio::task::spawn_blocking(move || pending.finish())
+                .await
+                .map_err(super::internal)?
+                .map_err(super::internal)
+        })
     }
 }
 

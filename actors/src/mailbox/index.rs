@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use crate::proto::lines::{ErrorCode, StreamError};
 use crate::settings::{Limits, Timeouts};
-use crate::store::{unix_now, Fetched, IdRecord, MessageHeader, NewData, Store, StoreError};
+use crate::store::{
+    unix_now, Fetched, IdRecord, MessageHeader, NewData, PendingBackup, Store, StoreError,
+};
 
 use super::disk::{cannot_write, is_disk_failure};
 
@@ -414,7 +416,9 @@ impl Mailboxes {
     }
 
     /// Copies the store to `dir` (see [`Store::backup`]).
-    pub fn backup(&self, dir: &std::path::Path) -> Result<(), StreamError> {
+    /// Copies the records into a backup at `dir`; the message files are
+    /// copied by the [`PendingBackup`]'s `finish`, off the actor.
+    pub fn backup(&self, dir: &std::path::Path) -> Result<PendingBackup, StreamError> {
         self.store.backup(dir).map_err(internal)
     }
 

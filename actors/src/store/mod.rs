@@ -19,7 +19,7 @@ use thiserror::Error;
 
 pub use commit::{CommitError, Flusher, GroupCommit};
 pub use directory::{Directory, SledDirectory};
-pub use sled_store::{SledStore, MAX_REOPENS};
+pub use sled_store::{PendingBackup, SledStore, MAX_REOPENS};
 pub use spool::{StagedData, SPOOL_FROM_BYTES};
 
 /// A failure of the store, whichever backend it is.
@@ -288,10 +288,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Writes a copy of the whole store into a new store at `dir` and
-    /// flushes it. The copy is consistent when no writes run meanwhile (the
-    /// server runs it on the mailbox actor, which does every message write).
-    fn backup(&self, dir: &std::path::Path) -> Result<(), StoreError>;
+    /// Copies the store's records into a new store at `dir`. The copy is
+    /// consistent when no writes run meanwhile (the server runs this on
+    /// the mailbox actor, which does every message write). The message
+    /// files, the long part, are copied by [`PendingBackup::finish`],
+    /// which may run elsewhere while writes go on.
+    fn backup(&self, dir: &std::path::Path) -> Result<PendingBackup, StoreError>;
 }
 
 /// Seconds since the Unix epoch, now.

@@ -259,24 +259,16 @@ impl SledStore {
     fn drop_lost_message(&self, seq: u64) -> Result<(), StoreError> {
         let db = self.db();
         db.usable()?;
-        let header = self.message_header(seq)?;
-        let mut batch = sled::Batch::default();
-        batch.remove(seq_key(HEADER, seq));
-        batch.remove(seq_key(SPOOLED, seq));
+        let (batch, header) = lost_message(&db, seq)?;
         match &header {
-            Some(header) => {
-                log::error!(
-                    "message {:?} from {} to {} is recorded but its data file {} is missing: \
-                     dropping its mailbox entries, it cannot be delivered",
-                    header.id,
-                    header.sender,
-                    header.recipients.join(", "),
-                    self.spool.path_of(seq).display()
-                );
-                for recipient in &header.recipients {
-                    batch.remove(mailbox_key(recipient, seq));
-                }
-            }
+            Some(header) => log::error!(
+                "message {:?} from {} to {} is recorded but its data file {} is missing: \
+                 dropping its mailbox entries, it cannot be delivered",
+                header.id,
+                header.sender,
+                header.recipients.join(", "),
+                self.spool.path_of(seq).display()
+            ),
             None => log::error!("message {seq} has a data record but no header: dropping it"),
         }
         db.watch(db.apply_batch(batch))
@@ -652,18 +644,71 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn backup(&self, dir: &Path) -> Result<(), StoreError> {
+    fn backup(&self, dir: &Path) -> Result<PendingBackup, StoreError> {
         let db = self.db();
         let copy = sled::Config::new().path(dir).create_new(true).open()?;
         copy.import(db.export());
-        let spool = Spool::open(dir.join("spool"))?;
-        for seq in self.spooled_seqs()? {
-            self.spool.copy_to(seq, &spool)?;
+        Ok(PendingBackup {
+            files: self.spooled_seqs()?.into_iter().collect(),
+            from: self.spool.clone(),
+            to: Spool::open(dir.join("spool"))?,
+            copy,
+        })
+    }
+}
+
+/// A backup whose records are copied and whose message files are not yet:
+/// see [`Store::backup`].
+pub struct PendingBackup {
+    copy: sled::Db,
+    /// The messages whose data is in a file of its own.
+    files: Vec<u64>,
+    from: std::sync::Arc<Spool>,
+    to: Spool,
+}
+
+impl PendingBackup {
+    /// Copies the message files (synced) and flushes the copy. A message
+    /// received and removed since its records were copied has no file any
+    /// more: it is left out of the backup, records and all, as if the
+    /// backup had been taken after its removal.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let mut left_out = 0usize;
+        for &seq in &self.files {
+            match self.from.copy_to(seq, &self.to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let (batch, _) = lost_message(&self.copy, seq)?;
+                    self.copy.apply_batch(batch)?;
+                    left_out += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        spool.sync()?;
-        copy.flush()?;
+        if left_out > 0 {
+            log::info!("backup: {left_out} messages received while it ran were left out");
+        }
+        self.to.sync()?;
+        self.copy.flush()?;
         Ok(())
     }
+}
+
+/// The batch that removes message `seq` (header, file record, every
+/// mailbox entry) from `db`, and its header when it has one.
+fn lost_message(
+    db: &sled::Db,
+    seq: u64,
+) -> Result<(sled::Batch, Option<MessageHeader>), StoreError> {
+    let key = seq_key(HEADER, seq);
+    let header: Option<MessageHeader> = db.get(&key)?.map(|v| decode(&key, &v)).transpose()?;
+    let mut batch = sled::Batch::default();
+    batch.remove(key);
+    batch.remove(seq_key(SPOOLED, seq));
+    for recipient in header.iter().flat_map(|h| &h.recipients) {
+        batch.remove(mailbox_key(recipient, seq));
+    }
+    Ok((batch, header))
 }
 
 #[cfg(test)]
@@ -1011,12 +1056,41 @@ mod tests {
         );
         assert_eq!(store.message_data(3).unwrap().unwrap(), big);
 
+        // Message 5 is received and removed after the records are copied
+        // and before its file is: the backup leaves it out whole.
+        store
+            .put_message(
+                5,
+                &header("received", &["bob", "carol"]),
+                &NewData::Bytes(big.clone()),
+                &id_record(5),
+            )
+            .unwrap();
+        store.remove_entry("carol", 5, false).unwrap();
         let backup = tempfile::tempdir().unwrap();
         let copy_dir = backup.path().join("copy");
-        store.backup(&copy_dir).unwrap();
+        let pending = store.backup(&copy_dir).unwrap();
+        store.remove_entry("bob", 5, true).unwrap();
+        store.flush().unwrap();
+        pending.finish().unwrap();
         drop(store);
+        // Left out by the backup itself, not by the reconciliation at open.
+        let raw = sled::open(&copy_dir).unwrap();
+        assert!(!raw.contains_key(seq_key(HEADER, 5)).unwrap());
+        assert!(!raw.contains_key(mailbox_key("bob", 5)).unwrap());
+        drop(raw);
         let copy = SledStore::open(&copy_dir).unwrap();
         assert_eq!(copy.message_data(3).unwrap().unwrap(), big);
         assert!(copy.message_data(4).unwrap().is_none());
+        assert!(copy.message_header(5).unwrap().is_none());
+        let entries = copy.mailbox_entries().unwrap();
+        assert_eq!(
+            entries,
+            vec![MailboxEntry {
+                user: "bob".into(),
+                seq: 3
+            }],
+            "the backup holds an entry of a message without its data"
+        );
     }
 }
