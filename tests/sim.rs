@@ -168,3 +168,14 @@ fn a_warm_offline_queue_is_refused_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--warm applies to w1 and w2"), "{stderr}");
 }
+
+#[test]
+fn holding_on_after_the_measurement_needs_a_hold() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csm"))
+        .args(["sim", "--spawn", "--users", "4", "--hold-secs", "5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--hold-secs goes with --hold"), "{stderr}");
+}

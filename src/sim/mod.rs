@@ -65,7 +65,12 @@ pub struct Scenario {
     /// it measures sends alone.
     pub defer_receive: bool,
     /// Only sign on and hold the sessions, to measure memory per session.
+    /// Presence is not checked then, and the users keep no views of it.
     pub hold: bool,
+    /// Holding: seconds to keep the sessions open after the measurement,
+    /// so that simulators in several processes hold theirs at once (each
+    /// process can open only as many connections as its open-file limit).
+    pub hold_secs: f64,
     /// Message streams in flight at once.
     pub max_streams: usize,
     /// Loopback source addresses to spread connections over (127.0.0.1…).
@@ -95,6 +100,7 @@ impl Default for Scenario {
             reconnect_ramp: 5000.0,
             defer_receive: false,
             hold: false,
+            hold_secs: 0.0,
             max_streams: 256,
             source_ips: 16,
             prefix: "sim".into(),
@@ -157,6 +163,10 @@ pub struct SimArgs {
     /// Only hold the sessions open and measure server memory per session.
     #[arg(long)]
     pub hold: bool,
+    /// With --hold: keep the sessions open this many seconds after the
+    /// measurement (for simulators run side by side)
+    #[arg(long)]
+    pub hold_secs: Option<f64>,
     #[arg(long)]
     pub max_streams: Option<usize>,
     #[arg(long)]
@@ -248,6 +258,7 @@ impl SimArgs {
         set!(max_streams = self.max_streams);
         set!(source_ips = self.source_ips);
         set!(queued = self.queued);
+        set!(hold_secs = self.hold_secs);
         s.reconnect |= self.reconnect || self.warm;
         s.defer_receive |= self.defer_receive;
         s.hold |= self.hold;
@@ -262,6 +273,9 @@ impl SimArgs {
         }
         if s.queued > 0 && s.hold {
             bail!("a scenario either holds sessions or queues messages, not both");
+        }
+        if !(0.0..=86_400.0).contains(&s.hold_secs) || (s.hold_secs > 0.0 && !s.hold) {
+            bail!("--hold-secs goes with --hold, from 0 to 86400 seconds");
         }
         Ok((s, workload))
     }
@@ -509,6 +523,7 @@ pub async fn run_scenario(
         nodes: target.nodes.clone(),
         ledger: ledger.clone(),
         users: scenario.users,
+        track_presence: !scenario.hold,
         content: scenario.content,
         streams: Arc::new(Semaphore::new(scenario.max_streams.max(1))),
         defer_receive: std::sync::atomic::AtomicBool::new(scenario.defer_receive),
@@ -575,6 +590,14 @@ pub async fn run_scenario(
                 kib_per_session: (idle.rss_kib.saturating_sub(before.rss_kib)) as f64
                     / sessions.max(1) as f64,
             });
+        }
+        if scenario.hold_secs > 0.0 {
+            log::info!(
+                "holding {} sessions for {} s more",
+                driver.online.len(),
+                scenario.hold_secs
+            );
+            tokio::time::sleep(Duration::from_secs_f64(scenario.hold_secs)).await;
         }
     } else if scenario.queued > 0 {
         queue = Some(queue::offline_queue(&mut driver, pids).await?);

@@ -258,13 +258,23 @@ pub fn add_users_live(data_dir: &Path, users: &[(String, String)]) -> Result<()>
             name: name.clone(),
             password: password.clone(),
         };
-        match crate::admin::execute(data_dir, request) {
-            Ok(_) => {}
-            Err(Failure {
-                kind: FailureKind::Refused,
-                message,
-            }) if message.contains("already exists") => {}
-            Err(e) => bail!("creating {name}: {e}"),
+        // Hashing a password waits for argon2 behind the logins under way
+        // (another simulator's wave): a busy server is asked again.
+        let busy = csm_actors::auth::AuthError::Busy.to_string();
+        let mut attempts = 0u32;
+        loop {
+            match crate::admin::execute(data_dir, request.clone()) {
+                Ok(_) => break,
+                Err(Failure {
+                    kind: FailureKind::Refused,
+                    message,
+                }) if message.contains("already exists") => break,
+                Err(e) if e.message.contains(&busy) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => bail!("creating {name}: {e}"),
+            }
         }
     }
     Ok(())

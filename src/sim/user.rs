@@ -30,6 +30,10 @@ pub struct World {
     pub nodes: Vec<NodeAddrs>,
     pub ledger: Ledger,
     pub users: usize,
+    /// Whether each user keeps a view of everyone's presence, to check
+    /// it: a map per user of every other user, so off when only holding
+    /// sessions (20,000 users would make 400 million entries).
+    pub track_presence: bool,
     pub content: ContentSpec,
     /// Message streams in flight, all users together.
     pub streams: Arc<Semaphore>,
@@ -276,7 +280,7 @@ async fn read_session(
                 }
                 if username == name {
                     own_seen = true;
-                } else {
+                } else if world.track_presence {
                     let mut view = view.lock().unwrap_or_else(|p| p.into_inner());
                     match status {
                         Status::Online | Status::Back => view.insert(username, false),
