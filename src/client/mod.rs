@@ -162,9 +162,14 @@ impl Connector {
 
 type Tls = TlsStream<TcpStream>;
 
+/// Bytes a session reader takes from TLS at once. Session packets are tens
+/// of bytes: read one at a time, each would cost two trips through the
+/// split stream's lock and rustls; a burst of presence fills this once.
+const SESSION_READ_BUFFER: usize = 8 * 1024;
+
 /// The read side of a session stream.
 pub struct SessionReader {
-    reader: ReadHalf<Tls>,
+    reader: BufReader<ReadHalf<Tls>>,
 }
 
 impl SessionReader {
@@ -286,7 +291,9 @@ impl SessionClient {
     pub fn over(stream: TlsStream<TcpStream>) -> SessionClient {
         let (reader, writer) = tokio::io::split(stream);
         SessionClient {
-            reader: SessionReader { reader },
+            reader: SessionReader {
+                reader: BufReader::with_capacity(SESSION_READ_BUFFER, reader),
+            },
             writer: SessionWriter { writer },
         }
     }
