@@ -15,7 +15,7 @@ use super::disk::room_for;
 /// doc. Call it where blocking is allowed.
 pub struct Stager {
     store: Arc<dyn Store>,
-    /// Bytes of disk kept free ([`crate::settings::Limits::disk_reserve`]).
+    /// Bytes of disk kept free (`limits.disk_reserve_bytes`).
     disk_reserve: u64,
 }
 

@@ -92,7 +92,7 @@ impl SledDirectory {
         Ok(value)
     }
 
-    fn names(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<String>> {
+    fn names_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<String>> {
         self.names.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -116,7 +116,7 @@ impl Directory for SledDirectory {
             self.blocking(move |store| store.add_user(&owned, &record))
                 .await?;
             self.committed(()).await?;
-            self.names().insert(name.to_owned());
+            self.names_mut().insert(name.to_owned());
             Ok(())
         }
         .boxed()
@@ -145,14 +145,14 @@ impl Directory for SledDirectory {
             // Gone for every later message before the store hears of it;
             // a send already past this check is caught by the mailbox,
             // which checks each recipient again as it stores.
-            let known = self.names().remove(name);
+            let known = self.names_mut().remove(name);
             let owned = name.to_owned();
             let removed = self.blocking(move |store| store.remove_user(&owned)).await;
             let removed = match removed {
                 Ok(removed) => removed,
                 Err(e) => {
                     if known {
-                        self.names().insert(name.to_owned());
+                        self.names_mut().insert(name.to_owned());
                     }
                     return Err(e);
                 }
