@@ -725,6 +725,14 @@ mod tests {
         }
     }
 
+    /// Stores `data` from alice as message `seq`, id `id`, to `to`.
+    fn put(store: &SledStore, seq: u64, id: &str, to: &[&str], data: &[u8]) {
+        let data = NewData::Bytes(data.to_vec());
+        store
+            .put_message(seq, &header(id, to), &data, &id_record(seq))
+            .unwrap();
+    }
+
     fn id_record(seq: u64) -> IdRecord {
         IdRecord {
             sender: "alice".into(),
@@ -782,14 +790,7 @@ mod tests {
                 Err(StoreError::UserExists(_))
             ));
             let seq = store.next_seq().unwrap();
-            store
-                .put_message(
-                    seq,
-                    &header("m1", &["bob", "carol"]),
-                    &NewData::Bytes(b"abc".to_vec()),
-                    &id_record(seq),
-                )
-                .unwrap();
+            put(&store, seq, "m1", &["bob", "carol"], b"abc");
             store.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
@@ -953,22 +954,8 @@ mod tests {
         let big = vec![7u8; SPOOL_FROM_BYTES];
         {
             let store = SledStore::open(dir.path()).unwrap();
-            store
-                .put_message(
-                    7,
-                    &header("big", &["bob", "carol"]),
-                    &NewData::Bytes(big.clone()),
-                    &id_record(7),
-                )
-                .unwrap();
-            store
-                .put_message(
-                    8,
-                    &header("kept", &["bob"]),
-                    &NewData::Bytes(big.clone()),
-                    &id_record(8),
-                )
-                .unwrap();
+            put(&store, 7, "big", &["bob", "carol"], &big);
+            put(&store, 8, "kept", &["bob"], &big);
             store.flush().unwrap();
         }
         std::fs::remove_file(dir.path().join("spool").join(format!("{:016x}", 7))).unwrap();
@@ -990,22 +977,8 @@ mod tests {
         let big: Vec<u8> = (0..SPOOL_FROM_BYTES + 1).map(|i| i as u8).collect();
         let small = vec![1u8; SPOOL_FROM_BYTES - 1];
         let store = SledStore::open(dir.path()).unwrap();
-        store
-            .put_message(
-                7,
-                &header("big", &["bob"]),
-                &NewData::Bytes(big.clone()),
-                &id_record(7),
-            )
-            .unwrap();
-        store
-            .put_message(
-                8,
-                &header("small", &["bob"]),
-                &NewData::Bytes(small.clone()),
-                &id_record(8),
-            )
-            .unwrap();
+        put(&store, 7, "big", &["bob"], &big);
+        put(&store, 8, "small", &["bob"], &small);
         store.flush().unwrap();
         assert_eq!(spool_files(dir.path()), vec![format!("{:016x}", 7)]);
         assert_eq!(store.message_data(7).unwrap().unwrap(), big);
@@ -1028,22 +1001,8 @@ mod tests {
         let big = vec![9u8; SPOOL_FROM_BYTES * 2];
         {
             let store = SledStore::open(dir.path()).unwrap();
-            store
-                .put_message(
-                    3,
-                    &header("kept", &["bob"]),
-                    &NewData::Bytes(big.clone()),
-                    &id_record(3),
-                )
-                .unwrap();
-            store
-                .put_message(
-                    4,
-                    &header("gone", &["bob"]),
-                    &NewData::Bytes(big.clone()),
-                    &id_record(4),
-                )
-                .unwrap();
+            put(&store, 3, "kept", &["bob"], &big);
+            put(&store, 4, "gone", &["bob"], &big);
             store.remove_entry("bob", 4, true).unwrap();
             // A crash after this flush, before the unlink, leaves the file.
             store.db().flush().unwrap();
@@ -1058,14 +1017,7 @@ mod tests {
 
         // Message 5 is received and removed after the records are copied
         // and before its file is: the backup leaves it out whole.
-        store
-            .put_message(
-                5,
-                &header("received", &["bob", "carol"]),
-                &NewData::Bytes(big.clone()),
-                &id_record(5),
-            )
-            .unwrap();
+        put(&store, 5, "received", &["bob", "carol"], &big);
         store.remove_entry("carol", 5, false).unwrap();
         let backup = tempfile::tempdir().unwrap();
         let copy_dir = backup.path().join("copy");
