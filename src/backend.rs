@@ -112,9 +112,14 @@ impl Opened {
             store_dir.display(),
             names.len()
         );
-        let fan_out_window = config.timeouts.fan_out_window();
+        let (fan_out_window, per_session) = (
+            config.timeouts.fan_out_window(),
+            config.timeouts.fan_out_per_session(),
+        );
         let presence = actix::Supervisor::start(move |_| {
-            PresenceActor::new(names).with_fan_out_window(fan_out_window)
+            PresenceActor::new(names)
+                .with_fan_out_window(fan_out_window)
+                .with_fan_out_per_session(per_session)
         });
         let mailboxes = Mailboxes::load(store.clone(), mailbox_settings(config))?;
         let mailbox_actor = MailboxActor::new(mailboxes, commit.clone());
@@ -168,9 +173,14 @@ impl Opened {
         );
         let link = ClusterLink::new();
         let presence_link = link.clone();
-        let fan_out_window = config.timeouts.fan_out_window();
+        let (fan_out_window, per_session) = (
+            config.timeouts.fan_out_window(),
+            config.timeouts.fan_out_per_session(),
+        );
         let presence = actix::Supervisor::start(move |_| {
-            PresenceActor::clustered(names, presence_link).with_fan_out_window(fan_out_window)
+            PresenceActor::clustered(names, presence_link)
+                .with_fan_out_window(fan_out_window)
+                .with_fan_out_per_session(per_session)
         });
         let node = Arc::new(
             Node::join(pool.clone(), settings.clone())

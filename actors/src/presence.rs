@@ -153,6 +153,9 @@ pub struct PresenceActor {
     fan_out: FanOut,
 }
 
+/// The longest a fan-out window grows to with the sessions online.
+const MAX_FAN_OUT_WINDOW: Duration = Duration::from_secs(1);
+
 /// The most bytes one window gathers: past them it is sent at once, so
 /// that a window stays small whatever the rate of changes (and so do the
 /// copies made for the sessions of the users it is about).
@@ -162,8 +165,16 @@ const FAN_OUT_MAX_BYTES: usize = 64 * 1024;
 /// subject's, written to all at the window's end.
 #[derive(Default)]
 struct FanOut {
-    /// Gather for this long after a fan-out; zero sends each at once.
+    /// Gather for at least this long after a fan-out; zero sends each at
+    /// once.
     window: Duration,
+    /// And for this long per session online: each fan-out costs a write
+    /// to every session on the thread that runs them, so with many
+    /// sessions fan-outs come less often, and that thread's share of them
+    /// stays bounded (up to [`MAX_FAN_OUT_WINDOW`]).
+    per_session: Duration,
+    /// Sessions online, all users together.
+    sessions: usize,
     /// When the last fan-out went out.
     last_sent: Option<Instant>,
     /// Whether a send at the window's end is scheduled.
@@ -178,12 +189,23 @@ struct FanOut {
 }
 
 impl FanOut {
+    /// How long a window gathers with the sessions online now.
+    fn window(&self) -> Duration {
+        if self.window.is_zero() {
+            return Duration::ZERO;
+        }
+        let grown = self
+            .per_session
+            .saturating_mul(u32::try_from(self.sessions).unwrap_or(u32::MAX));
+        self.window.max(grown.min(MAX_FAN_OUT_WINDOW))
+    }
+
     /// True if a frame now should wait for the window's end.
     fn gathering(&self, now: Instant) -> bool {
         !self.frames.is_empty()
             || self
                 .last_sent
-                .is_some_and(|sent| now.saturating_duration_since(sent) < self.window)
+                .is_some_and(|sent| now.saturating_duration_since(sent) < self.window())
     }
 }
 
@@ -203,6 +225,13 @@ impl PresenceActor {
     /// `window` (zero: every change is queued to every session at once).
     pub fn with_fan_out_window(mut self, window: Duration) -> Self {
         self.fan_out.window = window;
+        self
+    }
+
+    /// Grows the fan-out window by `per_session` for each session online
+    /// (up to a second); zero keeps it at the window given.
+    pub fn with_fan_out_per_session(mut self, per_session: Duration) -> Self {
+        self.fan_out.per_session = per_session;
         self
     }
 
@@ -400,7 +429,7 @@ impl PresenceActor {
     /// fan-out went out within it.
     fn broadcast_frame_except(&mut self, except: &str, frame: Bytes) {
         let now = Instant::now();
-        if self.fan_out.window.is_zero() || !self.fan_out.gathering(now) {
+        if self.fan_out.window().is_zero() || !self.fan_out.gathering(now) {
             self.fan_out.last_sent = Some(now);
             self.queue_everywhere_except(except, frame);
             return;
@@ -422,7 +451,7 @@ impl PresenceActor {
         }
         self.fan_out.scheduled = true;
         let due = self.fan_out.last_sent.map_or(Duration::ZERO, |sent| {
-            (sent + self.fan_out.window).saturating_duration_since(Instant::now())
+            (sent + self.fan_out.window()).saturating_duration_since(Instant::now())
         });
         ctx.run_later(due, |actor, _| {
             actor.fan_out.scheduled = false;
@@ -519,6 +548,7 @@ impl actix::Supervised for PresenceActor {
             user.sessions.retain(|_, link| !link.outbound.is_closed());
             !user.sessions.is_empty()
         });
+        self.fan_out.sessions = self.online.values().map(|u| u.sessions.len()).sum();
     }
 }
 
@@ -551,7 +581,7 @@ impl PresenceActor {
             self.user_added(UserAdded { user: user.clone() });
         }
         self.change(&user, true, |actor, now| {
-            actor
+            let replaced = actor
                 .online
                 .entry(msg.user.clone())
                 .or_insert_with(|| OnlineUser::new(&msg.user))
@@ -565,6 +595,9 @@ impl PresenceActor {
                         idle: None,
                     },
                 );
+            if replaced.is_none() {
+                actor.fan_out.sessions += 1;
+            }
             actor.queue_snapshot(&outbound, now);
             // The snapshot covers what this window gathered so far.
             if !actor.fan_out.bytes.is_empty() {
@@ -606,7 +639,9 @@ impl PresenceActor {
         }
         self.change(&msg.user, true, |actor, _| {
             if let Some(online) = actor.online.get_mut(&msg.user) {
-                online.sessions.remove(&msg.session);
+                if online.sessions.remove(&msg.session).is_some() {
+                    actor.fan_out.sessions = actor.fan_out.sessions.saturating_sub(1);
+                }
                 if online.sessions.is_empty() {
                     actor.online.remove(&msg.user);
                 }
@@ -943,6 +978,35 @@ mod tests {
 
     fn online(user: &str) -> Packet {
         status(user, Status::Online, None)
+    }
+
+    #[actix_rt::test]
+    async fn the_fan_out_window_grows_with_the_sessions_online_up_to_a_second() {
+        let users = ["alice", "bob", "carol"].map(String::from);
+        // 1 ms alone, but 2 s per session: 6 s with three, held to 1 s.
+        let presence = PresenceActor::new(users)
+            .with_fan_out_window(Duration::from_millis(1))
+            .with_fan_out_per_session(Duration::from_secs(2))
+            .start();
+        let mut alice = register(&presence, "alice", 1).await;
+        assert_eq!(packets(&mut alice, 4).await[3], online("alice"));
+        let started = std::time::Instant::now();
+        let _bob = register(&presence, "bob", 2).await;
+        let _carol = register(&presence, "carol", 3).await;
+        // Held well past the 1 ms the window has with no session online.
+        assert!(
+            silent(&mut alice, Duration::from_millis(400)).await,
+            "the window did not grow with the sessions online"
+        );
+        assert_eq!(
+            packets(&mut alice, 2).await,
+            [online("bob"), online("carol")]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the window grew past a second: {:?}",
+            started.elapsed()
+        );
     }
 
     #[actix_rt::test]

@@ -145,6 +145,10 @@ pub struct Timeouts {
     /// queues them on every session together (0: each at once). A change
     /// after a quiet window goes out at once.
     pub fan_out_window_millis: u64,
+    /// Microseconds the fan-out window grows by per session online (up to
+    /// one second): each fan-out writes to every session, so with many
+    /// sessions they come less often (0: the window stays as set).
+    pub fan_out_micros_per_session: u64,
     /// How long failed logins are remembered, and a lockout lasts.
     pub login_lockout_secs: u64,
     /// Longest delay before answering a failed login, in milliseconds.
@@ -172,6 +176,7 @@ impl Default for Timeouts {
             id_retention_secs: 24 * 3600,
             commit_window_micros: 1000,
             fan_out_window_millis: 10,
+            fan_out_micros_per_session: 40,
             login_lockout_secs: 15 * 60,
             login_delay_max_ms: 4000,
             password_check_wait_secs: 10,
@@ -218,6 +223,9 @@ impl Timeouts {
     }
     pub fn fan_out_window(&self) -> Duration {
         Duration::from_millis(self.fan_out_window_millis)
+    }
+    pub fn fan_out_per_session(&self) -> Duration {
+        Duration::from_micros(self.fan_out_micros_per_session)
     }
     pub fn linger(&self) -> Duration {
         secs(self.linger_secs)
