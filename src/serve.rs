@@ -66,13 +66,39 @@ pub fn mailbox_settings(config: &Config) -> MailboxSettings {
 
 /// Binds both listeners from the configuration.
 pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener)> {
-    let session = TcpListener::bind(&config.session_addr)
+    let backlog = config.limits.listen_backlog;
+    let session = listen(&config.session_addr, backlog)
         .await
         .with_context(|| format!("binding the session address {}", config.session_addr))?;
-    let message = TcpListener::bind(&config.message_addr)
+    let message = listen(&config.message_addr, backlog)
         .await
         .with_context(|| format!("binding the message address {}", config.message_addr))?;
     Ok((session, message))
+}
+
+/// A listener on the first address `addr` resolves to that takes it, with
+/// room for `backlog` connections waiting to be accepted. (The standard
+/// library and tokio queue 128: a reconnect storm of a few thousand
+/// clients would have most connects dropped and retried a second later.)
+async fn listen(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
 }
 
 #[derive(Clone, Copy)]

@@ -162,6 +162,62 @@ async fn sends_go_on_while_a_backup_copies_the_message_files() {
     );
 }
 
+/// A burst of connects larger than the 128 that the standard library and
+/// tokio queue waits in the kernel's backlog for the server to accept it,
+/// rather than being dropped and retried a second later. The server is
+/// stopped (SIGSTOP) while the burst arrives, so nothing is accepted: only
+/// the backlog holds the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connects_waits_in_the_backlog() {
+    // The kernel holds at most net.core.somaxconn (4,096 on current
+    // kernels) whatever the server asks for.
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4096);
+    let burst = somaxconn.min(500);
+    if burst <= 128 {
+        eprintln!("net.core.somaxconn is {somaxconn}: this machine cannot show a larger backlog");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_binary(dir.path());
+    let pid = server.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let connects = (0..burst).map(|_| {
+        tokio::time::timeout(
+            Duration::from_millis(700),
+            tokio::net::TcpStream::connect(server.session),
+        )
+    });
+    let results = futures_util::future::join_all(connects).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    drop(results);
+    assert_eq!(
+        connected, burst,
+        "connects waited past 700 ms: the listen backlog is too small"
+    );
+    // The server goes on serving once it runs again.
+    let (user, password) = ("alice", password_of("alice"));
+    csm::admin::execute(
+        dir.path(),
+        Request::UserAdd {
+            name: user.into(),
+            password: password.clone(),
+        },
+    )
+    .unwrap();
+    let connector = csm::client::Connector::for_data_dir(dir.path()).unwrap();
+    csm::client::SessionClient::connect(&connector, server.session)
+        .await
+        .unwrap()
+        .sign_on(user, &password)
+        .await
+        .unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
 #[test]
 fn offline_backup_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();

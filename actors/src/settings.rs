@@ -34,6 +34,10 @@ pub struct Limits {
     pub connections: usize,
     /// Most open connections from one source address.
     pub connections_per_address: usize,
+    /// Connections the kernel queues for each listener before the server
+    /// accepts them (the kernel may hold fewer: `net.core.somaxconn`).
+    /// Past it, a client's connect is dropped and retried a second later.
+    pub listen_backlog: u32,
     /// Bytes a session's writer gathers into one write, and the most
     /// encrypted bytes its TLS layer holds before they reach the socket
     /// (the default is one TLS record: a peer that reads slowly holds
@@ -90,6 +94,7 @@ impl Default for Limits {
             session_queue: 1024,
             connections: 60_000,
             connections_per_address: 4096,
+            listen_backlog: 4096,
             write_coalesce_bytes: 16 * 1024,
             presence_changes_per_sec: 20,
             disk_reserve_bytes: 64 << 20,
