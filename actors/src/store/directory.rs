@@ -115,9 +115,14 @@ impl Directory for SledDirectory {
             let (owned, record) = (name.to_owned(), record.clone());
             self.blocking(move |store| store.add_user(&owned, &record))
                 .await?;
-            self.committed(()).await?;
+            // Known from the moment the store holds the user, as the store
+            // sees it: were the commit to fail, the user would still be
+            // there (a later `user add` says it exists), and messages to
+            // them must not be refused meanwhile. A message stored now is
+            // in the same log after the user, so it is never durable
+            // without them.
             self.names_mut().insert(name.to_owned());
-            Ok(())
+            self.committed(()).await
         }
         .boxed()
     }
