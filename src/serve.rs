@@ -2,13 +2,12 @@
 //! and the admin socket, run until told to stop, then drain: stop
 //! accepting, let message streams in flight finish (bounded), flush.
 //!
-//! The accept loops run on the main arbiter with presence, and so do the
-//! session streams: presence pushes its fan-out into their queues, and on
-//! one thread that costs no wake-up across threads and keeps each writer in
-//! step with it. Each message stream (a TLS handshake and one message, the
-//! bulk of the per-message work) is handed to one of the [`Workers`] (one
-//! arbiter per core, as actix-server does), so that every core does
-//! network work.
+//! The accept loops run on the main arbiter with presence. Each connection,
+//! session or message stream, is handed to one of the [`Workers`] (one
+//! arbiter per core, as actix-server does), which runs its TLS and its
+//! protocol, so that every core does network work. Presence reaches the
+//! sessions of each worker through that worker's fan-out relay
+//! (`csm_actors::relay`), once per window, not once per session.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -309,7 +308,7 @@ fn notify_systemd(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// The arbiters that run message streams, each on a thread of its own.
+/// The arbiters that run connections, each on a thread of its own.
 struct Workers {
     arbiters: Vec<actix::Arbiter>,
     next: std::sync::atomic::AtomicUsize,
@@ -371,12 +370,6 @@ async fn accept_loop(
         tune_socket(&stream, &services);
         let acceptor = acceptor.clone();
         let services = services.clone();
-        if let Protocol::Session = protocol {
-            actix_rt::spawn(serve_connection(
-                stream, peer, protocol, acceptor, services, guard,
-            ));
-            continue;
-        }
         // A tokio socket belongs to the runtime that registered it: it
         // crosses to the worker as a plain socket and is registered there.
         let stream = match stream.into_std() {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod proto;
+pub mod relay;
 pub mod services;
 pub mod session;
 pub mod settings;

@@ -31,6 +31,8 @@ pub struct Register {
     pub session: SessionId,
     pub outbound: Outbound,
     pub peer: SocketAddr,
+    /// The fan-out relay of the thread the session runs on.
+    pub relay: crate::relay::RelayHandle,
 }
 
 /// A session ended; the others hear `OFFLINE` or `IDLE` if that changes

@@ -13,12 +13,18 @@
 //! same bytes for all. A thousand sign-ons in a second then cost each
 //! session a few queue entries and writes instead of a thousand. A change
 //! after a quiet window goes out at once.
+//!
+//! Sessions run on several threads; presence does not queue the fan-out
+//! on each itself but hands it to the [`FanOutRelay`] of each thread once,
+//! which queues it on its own sessions. Presence queues directly only
+//! what one session needs (its sign-on snapshot) and what must not wait
+//! behind a relay (a new user's `AddUser`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, AsyncContext, Context, Handler, MessageResult};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, MessageResult};
 use bytes::Bytes;
 
 use crate::cluster::{ClusterLink, NodeState, PresenceUpdate};
@@ -30,10 +36,13 @@ use crate::messages::{
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 use crate::proto::{Packet, Status};
+use crate::relay::{Attach, Broadcast, Detach, Everywhere, FanOutRelay, Window};
 use crate::store::unix_now;
 
 struct Link {
     outbound: Outbound,
+    /// The relay of the session's thread, which queues its fan-out.
+    relay: usize,
     peer: SocketAddr,
     connected_unix: u64,
     /// When the session reported idle, and how long it had been idle then.
@@ -151,6 +160,8 @@ pub struct PresenceActor {
     cluster: Option<ClusterLink>,
     /// Status frames gathered for every session under load.
     fan_out: FanOut,
+    /// The relays of the threads that run sessions, by their number.
+    relays: BTreeMap<usize, Addr<FanOutRelay>>,
 }
 
 /// The longest a fan-out window grows to with the sessions online.
@@ -169,9 +180,9 @@ struct FanOut {
     /// once.
     window: Duration,
     /// And for this long per session online: each fan-out costs a write
-    /// to every session on the thread that runs them, so with many
-    /// sessions fan-outs come less often, and that thread's share of them
-    /// stays bounded (up to [`MAX_FAN_OUT_WINDOW`]).
+    /// to every session, so with many sessions fan-outs come less often,
+    /// and the network threads' share of them stays bounded (up to
+    /// [`MAX_FAN_OUT_WINDOW`]).
     per_session: Duration,
     /// Sessions online, all users together.
     sessions: usize,
@@ -218,6 +229,7 @@ impl PresenceActor {
             remote: BTreeMap::new(),
             cluster: None,
             fan_out: FanOut::default(),
+            relays: BTreeMap::new(),
         }
     }
 
@@ -431,7 +443,7 @@ impl PresenceActor {
         let now = Instant::now();
         if self.fan_out.window().is_zero() || !self.fan_out.gathering(now) {
             self.fan_out.last_sent = Some(now);
-            self.queue_everywhere_except(except, frame);
+            self.relay_everywhere_except(except, frame);
             return;
         }
         let fan_out = &mut self.fan_out;
@@ -459,10 +471,8 @@ impl PresenceActor {
         });
     }
 
-    /// Queues what the window gathered on every session: the same bytes
-    /// for all, but for a session that signed on during the window (only
-    /// what came after its snapshot) or whose user a frame is about (all
-    /// but that frame).
+    /// Hands what the window gathered to every relay, which queue it on
+    /// their sessions (see [`Window::part_for`]).
     fn send_fan_out(&mut self) {
         if self.fan_out.frames.is_empty() {
             return;
@@ -471,55 +481,21 @@ impl PresenceActor {
         let frames = std::mem::take(&mut self.fan_out.frames);
         let joined = std::mem::take(&mut self.fan_out.joined);
         self.fan_out.last_sent = Some(Instant::now());
-        let all = Bytes::from(bytes);
-        let subjects: std::collections::HashSet<&str> =
-            frames.iter().map(|(_, subject)| subject.as_str()).collect();
-        let mut queued = 0u64;
-        for (user, online) in &self.online {
-            let about_user = subjects.contains(user.as_str());
-            for (session, link) in &online.sessions {
-                let from = joined.get(session).copied().unwrap_or(0);
-                let first = frames.partition_point(|(start, _)| *start < from);
-                let wanted = &frames[first..];
-                if wanted.is_empty() {
-                    continue;
-                }
-                let part = if about_user {
-                    let mut own = Vec::with_capacity(all.len() - from);
-                    for (n, (start, subject)) in wanted.iter().enumerate() {
-                        let end = wanted.get(n + 1).map_or(all.len(), |(next, _)| *next);
-                        if subject != user {
-                            own.extend_from_slice(&all[*start..end]);
-                            queued += 1;
-                        }
-                    }
-                    if own.is_empty() {
-                        continue;
-                    }
-                    Bytes::from(own)
-                } else {
-                    queued += wanted.len() as u64;
-                    all.slice(from..)
-                };
-                link.outbound.push(part);
-            }
+        let window = std::sync::Arc::new(Window::new(Bytes::from(bytes), frames, joined));
+        for relay in self.relays.values() {
+            relay.do_send(Broadcast(window.clone()));
         }
-        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
     }
 
-    /// Queues an encoded frame now on every session of every user but
-    /// `except`.
-    fn queue_everywhere_except(&self, except: &str, frame: Bytes) {
-        let mut queued = 0u64;
-        for (user, online) in &self.online {
-            if user != except {
-                for link in online.sessions.values() {
-                    link.outbound.push(frame.clone());
-                    queued += 1;
-                }
-            }
+    /// Has every relay queue an encoded frame now on every session of
+    /// every user but `except`.
+    fn relay_everywhere_except(&self, except: &str, frame: Bytes) {
+        for relay in self.relays.values() {
+            relay.do_send(Everywhere {
+                except: except.to_owned(),
+                frame: frame.clone(),
+            });
         }
-        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
     }
 
     /// Publishes how many users are online and idle.
@@ -535,6 +511,13 @@ impl PresenceActor {
     }
 }
 
+/// Tells the relay of `link` that `session` is gone.
+fn detach(relays: &BTreeMap<usize, Addr<FanOutRelay>>, session: SessionId, link: &Link) {
+    if let Some(relay) = relays.get(&link.relay) {
+        relay.do_send(Detach { session });
+    }
+}
+
 /// Restarted by its supervisor after a contained panic. The sessions are
 /// the truth about who is online, and they stay registered; what is
 /// derived from them (the encoded user list) is rebuilt.
@@ -544,8 +527,15 @@ impl actix::Supervised for PresenceActor {
         // The timer of a gathering window does not survive the restart.
         self.fan_out.scheduled = false;
         self.send_fan_out();
+        let relays = &self.relays;
         self.online.retain(|_, user| {
-            user.sessions.retain(|_, link| !link.outbound.is_closed());
+            user.sessions.retain(|session, link| {
+                let open = !link.outbound.is_closed();
+                if !open {
+                    detach(relays, *session, link);
+                }
+                open
+            });
             !user.sessions.is_empty()
         });
         self.fan_out.sessions = self.online.values().map(|u| u.sessions.len()).sum();
@@ -590,6 +580,7 @@ impl PresenceActor {
                     msg.session,
                     Link {
                         outbound: msg.outbound,
+                        relay: msg.relay.id,
                         peer: msg.peer,
                         connected_unix: unix_now(),
                         idle: None,
@@ -604,6 +595,14 @@ impl PresenceActor {
                 let covered = actor.fan_out.bytes.len();
                 actor.fan_out.joined.insert(msg.session, covered);
             }
+            // After the snapshot, in the relay's mailbox before any window
+            // the session is to get.
+            msg.relay.addr.do_send(Attach {
+                session: msg.session,
+                user: msg.user.clone(),
+                outbound,
+            });
+            actor.relays.insert(msg.relay.id, msg.relay.addr);
         });
     }
 
@@ -639,8 +638,9 @@ impl PresenceActor {
         }
         self.change(&msg.user, true, |actor, _| {
             if let Some(online) = actor.online.get_mut(&msg.user) {
-                if online.sessions.remove(&msg.session).is_some() {
+                if let Some(link) = online.sessions.remove(&msg.session) {
                     actor.fan_out.sessions = actor.fan_out.sessions.saturating_sub(1);
+                    detach(&actor.relays, msg.session, &link);
                 }
                 if online.sessions.is_empty() {
                     actor.online.remove(&msg.user);
@@ -697,10 +697,21 @@ impl PresenceActor {
         if self.users.insert(msg.user.clone()) {
             self.user_list_frames = None;
             // A new user is never held back: whatever follows (its
-            // presence, a message from it) must find it listed.
-            self.send_fan_out();
-            let frame = Packet::AddUser { username: msg.user }.to_frame();
-            self.queue_everywhere_except("", Bytes::from(frame));
+            // presence, a message from it) must find it listed. It is
+            // queued here, ahead of the window the relays will queue (which
+            // holds no change of the new user), and not through the relays,
+            // since a message from the new user, whose notice the mailbox
+            // queues directly, must not overtake it.
+            let frame = Bytes::from(Packet::AddUser { username: msg.user }.to_frame());
+            let mut queued = 0u64;
+            for link in self
+                .online
+                .values()
+                .flat_map(|online| online.sessions.values())
+            {
+                queued += u64::from(link.outbound.push(frame.clone()));
+            }
+            metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
         }
     }
 
@@ -892,6 +903,7 @@ mod tests {
                 session: 1,
                 outbound: alice,
                 peer,
+                relay: crate::relay::this_thread(),
             })
             .await
             .unwrap();
@@ -904,6 +916,7 @@ mod tests {
                 session: 2,
                 outbound: bob,
                 peer,
+                relay: crate::relay::this_thread(),
             })
             .await
             .unwrap();
@@ -970,6 +983,7 @@ mod tests {
                 session: id,
                 outbound,
                 peer: "127.0.0.1:1".parse().unwrap(),
+                relay: crate::relay::this_thread(),
             })
             .await
             .unwrap();
@@ -1061,8 +1075,8 @@ mod tests {
             );
         }
 
-        // A new user is never held back: what was gathered goes first, then
-        // its AddUser, at once.
+        // A new user is never held back: its AddUser is queued at once,
+        // ahead of what the window still holds.
         let mut dave = register(&presence, "dave", 4).await;
         packets(&mut dave, 8).await;
         presence
@@ -1074,11 +1088,9 @@ mod tests {
         let erin = Packet::AddUser {
             username: "erin".into(),
         };
-        let quickly = tokio::time::timeout(Duration::from_millis(500), packets(&mut carol, 2));
-        assert_eq!(
-            quickly.await.expect("held back"),
-            [online("dave"), erin.clone()]
-        );
+        let quickly = tokio::time::timeout(Duration::from_millis(500), packets(&mut carol, 1));
+        assert_eq!(quickly.await.expect("held back"), [erin.clone()]);
+        assert_eq!(packets(&mut carol, 1).await, [online("dave")]);
         assert_eq!(packets(&mut dave, 1).await, [erin]);
         assert!(silent(&mut dave, Duration::from_millis(1200)).await);
     }

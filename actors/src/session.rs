@@ -205,6 +205,7 @@ impl Actor for SessionActor {
             session: self.session,
             outbound: self.outbound.clone(),
             peer: self.peer,
+            relay: crate::relay::this_thread(),
         });
         let subscribe = Subscribe {
             user: self.user.clone(),

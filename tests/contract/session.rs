@@ -153,11 +153,16 @@ async fn presence_across_three_users_and_two_sessions() {
     bob.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
     assert_eq!(next_status(&mut alice3).await.0, "bob");
     assert_eq!(next_status(&mut alice2).await.0, "bob");
-    // Last sessions end: OFFLINE once.
-    alice2.close().await;
+    // Last sessions end, the active one first: IDLE (as above), then
+    // OFFLINE once. (Sessions run on several threads: closes of two
+    // sessions at the same moment are seen in either order, so each close
+    // waits for its news.)
     alice3.close().await;
     let (user, status, _) = next_status(&mut carol).await;
     assert_eq!((user.as_str(), status), ("bob", Status::Idle));
+    let (user, status, _) = next_status(&mut carol).await;
+    assert_eq!((user.as_str(), status), ("alice", Status::Idle));
+    alice2.close().await;
     assert_eq!(
         next_status(&mut carol).await,
         ("alice".into(), Status::Offline, None)

@@ -1,0 +1,239 @@
+//! FanOutRelay: one actor per thread that runs sessions, which queues
+//! presence's fan-out on the sessions of its thread.
+//!
+//! Sessions run on several network threads, presence on one. Were presence
+//! to queue a window's frames on every session itself, each queue would
+//! wake its writer across threads: a lock and a futex per session, every
+//! window. Instead presence sends each relay the window once, and the
+//! relay queues it on its own sessions, where waking a writer costs
+//! neither. Presence tells a relay of its sessions (`Attach`, `Detach`) in
+//! the same mailbox as the windows, so a relay knows a session from the
+//! first window after its sign-on snapshot, and never before it.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::{Actor, Addr, Context, Handler, Message};
+use bytes::Bytes;
+
+use crate::messages::SessionId;
+use crate::metrics as metrics_names;
+use crate::outbound::Outbound;
+
+/// A relay's address, with the number that tells relays apart.
+#[derive(Clone)]
+pub struct RelayHandle {
+    pub id: usize,
+    pub addr: Addr<FanOutRelay>,
+}
+
+thread_local! {
+    static THIS_THREAD: RefCell<Option<RelayHandle>> = const { RefCell::new(None) };
+}
+
+/// The relay of the calling thread, started on its arbiter the first time
+/// a session there asks. Must be called from within an actix arbiter.
+pub fn this_thread() -> RelayHandle {
+    static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+    THIS_THREAD.with(|relay| {
+        let mut relay = relay.borrow_mut();
+        match relay.as_ref() {
+            Some(handle) if handle.addr.connected() => handle.clone(),
+            _ => {
+                let handle = RelayHandle {
+                    id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                    addr: FanOutRelay::default().start(),
+                };
+                *relay = Some(handle.clone());
+                handle
+            }
+        }
+    })
+}
+
+/// One gathered window of status frames, shared by every relay.
+pub struct Window {
+    /// The frames, back to back.
+    pub bytes: Bytes,
+    /// Where each frame starts in `bytes`, and whose sessions skip it.
+    pub frames: Vec<(usize, String)>,
+    /// Sessions that signed on during the window, and how much of `bytes`
+    /// their sign-on snapshot already covers.
+    pub joined: HashMap<SessionId, usize>,
+    /// The users the frames are about.
+    subjects: HashSet<String>,
+}
+
+impl Window {
+    pub fn new(
+        bytes: Bytes,
+        frames: Vec<(usize, String)>,
+        joined: HashMap<SessionId, usize>,
+    ) -> Window {
+        let subjects = frames.iter().map(|(_, subject)| subject.clone()).collect();
+        Window {
+            bytes,
+            frames,
+            joined,
+            subjects,
+        }
+    }
+
+    /// What `session` of `user` gets of this window, and how many frames
+    /// that is: the same bytes as everyone, but for a session that signed
+    /// on during the window (only what came after its snapshot) or whose
+    /// user a frame is about (all but that frame).
+    pub fn part_for(&self, user: &str, session: SessionId) -> Option<(Bytes, usize)> {
+        let from = self.joined.get(&session).copied().unwrap_or(0);
+        let first = self.frames.partition_point(|(start, _)| *start < from);
+        let wanted = &self.frames[first..];
+        if wanted.is_empty() {
+            return None;
+        }
+        if !self.subjects.contains(user) {
+            return Some((self.bytes.slice(from..), wanted.len()));
+        }
+        let mut own = Vec::with_capacity(self.bytes.len() - from);
+        let mut count = 0;
+        for (n, (start, subject)) in wanted.iter().enumerate() {
+            let end = wanted
+                .get(n + 1)
+                .map_or(self.bytes.len(), |(next, _)| *next);
+            if subject != user {
+                own.extend_from_slice(&self.bytes[*start..end]);
+                count += 1;
+            }
+        }
+        (count > 0).then(|| (Bytes::from(own), count))
+    }
+}
+
+/// The sessions of one thread, as presence registered them.
+#[derive(Default)]
+pub struct FanOutRelay {
+    sessions: HashMap<SessionId, (String, Outbound)>,
+}
+
+impl Actor for FanOutRelay {
+    type Context = Context<Self>;
+}
+
+/// A session signed on: its snapshot is queued, windows after it are its.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attach {
+    pub session: SessionId,
+    pub user: String,
+    pub outbound: Outbound,
+}
+
+/// A session is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    pub session: SessionId,
+}
+
+/// Queue a window on every session of the thread.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Broadcast(pub Arc<Window>);
+
+/// Queue one frame on every session of the thread but those of `except`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Everywhere {
+    pub except: String,
+    pub frame: Bytes,
+}
+
+impl Handler<Attach> for FanOutRelay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Attach, _: &mut Context<Self>) {
+        self.sessions.insert(msg.session, (msg.user, msg.outbound));
+    }
+}
+
+impl Handler<Detach> for FanOutRelay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, _: &mut Context<Self>) {
+        self.sessions.remove(&msg.session);
+    }
+}
+
+impl Handler<Broadcast> for FanOutRelay {
+    type Result = ();
+
+    fn handle(&mut self, Broadcast(window): Broadcast, _: &mut Context<Self>) {
+        let mut queued = 0u64;
+        // A session whose queue is closed is gone, Detach or not.
+        self.sessions.retain(|session, (user, outbound)| {
+            if let Some((part, frames)) = window.part_for(user, *session) {
+                if outbound.push(part) {
+                    queued += frames as u64;
+                }
+            }
+            !outbound.is_closed()
+        });
+        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
+    }
+}
+
+impl Handler<Everywhere> for FanOutRelay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Everywhere, _: &mut Context<Self>) {
+        let mut queued = 0u64;
+        self.sessions.retain(|_, (user, outbound)| {
+            if *user != msg.except && outbound.push(msg.frame.clone()) {
+                queued += 1;
+            }
+            !outbound.is_closed()
+        });
+        metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window() -> Window {
+        // Three frames: about alice, bob, alice.
+        let bytes = Bytes::from_static(b"AAAbbbCCC");
+        let frames = vec![(0, "alice".into()), (3, "bob".into()), (6, "alice".into())];
+        let joined = HashMap::from([(7, 3), (8, 9)]);
+        Window::new(bytes, frames, joined)
+    }
+
+    #[test]
+    fn a_window_skips_its_subjects_own_frames_and_what_a_snapshot_covered() {
+        let window = window();
+        assert_eq!(
+            window.part_for("carol", 1),
+            Some((Bytes::from_static(b"AAAbbbCCC"), 3))
+        );
+        assert_eq!(
+            window.part_for("alice", 2),
+            Some((Bytes::from_static(b"bbb"), 1))
+        );
+        assert_eq!(
+            window.part_for("bob", 3),
+            Some((Bytes::from_static(b"AAACCC"), 2))
+        );
+        // Session 7 signed on after the first frame, session 8 after all.
+        assert_eq!(
+            window.part_for("carol", 7),
+            Some((Bytes::from_static(b"bbbCCC"), 2))
+        );
+        assert_eq!(window.part_for("carol", 8), None);
+        assert_eq!(
+            window.part_for("bob", 7),
+            Some((Bytes::from_static(b"CCC"), 1))
+        );
+    }
+}
