@@ -2,12 +2,16 @@
 //! and the admin socket, run until told to stop, then drain: stop
 //! accepting, let message streams in flight finish (bounded), flush.
 //!
-//! The accept loops run on the main arbiter with presence. Each connection,
-//! session or message stream, is handed to one of the [`Workers`] (one
-//! arbiter per core, as actix-server does), which runs its TLS and its
-//! protocol, so that every core does network work. Presence reaches the
-//! sessions of each worker through that worker's fan-out relay
-//! (`csm_actors::relay`), once per window, not once per session.
+//! The accept loops run on the main arbiter with presence. Each message
+//! stream (a TLS handshake and one message, the bulk of the per-message
+//! work) is handed to one of the [`Workers`] (one arbiter per core, as
+//! actix-server does), so that every core does network work. Session
+//! streams run on the main arbiter with presence, where presence's pushes
+//! wake their writers without crossing threads; with
+//! `limits.sessions_on_network_threads` they go to the workers too, for
+//! servers whose sessions would saturate one thread. Either way presence
+//! reaches the sessions of each thread through that thread's fan-out
+//! relay (`csm_actors::relay`), once per window, not once per session.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -370,6 +374,13 @@ async fn accept_loop(
         tune_socket(&stream, &services);
         let acceptor = acceptor.clone();
         let services = services.clone();
+        if let (Protocol::Session, false) = (protocol, services.limits.sessions_on_network_threads)
+        {
+            actix_rt::spawn(serve_connection(
+                stream, peer, protocol, acceptor, services, guard,
+            ));
+            continue;
+        }
         // A tokio socket belongs to the runtime that registered it: it
         // crosses to the worker as a plain socket and is registered there.
         let stream = match stream.into_std() {

@@ -67,9 +67,15 @@ pub struct Limits {
     pub login_throttle_entries: usize,
     /// Password checks (argon2) at once; 0 means one per core.
     pub password_checks: usize,
-    /// Threads that run message streams (TLS and one message each); 0
-    /// means one per core. Session streams stay with presence.
+    /// Threads that run message streams (TLS and one message each), and
+    /// session streams if `sessions_on_network_threads`; 0 means one per
+    /// core.
     pub network_threads: usize,
+    /// Whether session streams run on the network threads too, rather
+    /// than on the main thread with presence. On: more sessions before a
+    /// thread saturates (every session's TLS and writes are spread), at
+    /// the price of waking threads across cores at each sign-on.
+    pub sessions_on_network_threads: bool,
     /// Message data held in memory at once over all message streams
     /// (sends being read); at least `message_bytes`.
     pub bytes_in_flight: usize,
@@ -106,6 +112,7 @@ impl Default for Limits {
             login_throttle_entries: 100_000,
             password_checks: 0,
             network_threads: 0,
+            sessions_on_network_threads: false,
             bytes_in_flight: 256 << 20,
             credential_cache_entries: 100_000,
             linger_bytes: 32 << 20,

@@ -11,15 +11,27 @@ pub mod postgres;
 /// The contract suite file `$suite` (under `tests/contract/`, the path
 /// taken from the calling test file), once per
 /// backend: modules `sled`, and `postgres` when PostgreSQL's programs are
-/// installed (otherwise a test says the PostgreSQL half was left out). The
-/// suite calls `start()`, `start_with(tweak)` and `start_in(dir, tweak)`,
-/// which this binds to the module's backend.
+/// installed (otherwise a test says the PostgreSQL half was left out);
+/// with `also_with_sessions_on_network_threads`, once more on sled with
+/// session streams on the network threads (module
+/// `sled_sessions_on_network_threads`). The suite calls `start()`,
+/// `start_with(tweak)` and `start_in(dir, tweak)`, which this binds to the
+/// module's backend and settings.
 #[macro_export]
 macro_rules! contract_suite {
+    ($suite:literal, also_with_sessions_on_network_threads) => {
+        $crate::contract_suite!($suite);
+        $crate::contract_suite!(
+            @on sled_sessions_on_network_threads,
+            $crate::common::Backend::Sled,
+            |c| c.limits.sessions_on_network_threads = true,
+            $suite
+        );
+    };
     ($suite:literal) => {
-        $crate::contract_suite!(@on sled, $crate::common::Backend::Sled, $suite);
+        $crate::contract_suite!(@on sled, $crate::common::Backend::Sled, |_| {}, $suite);
         #[cfg(csm_postgres)]
-        $crate::contract_suite!(@on postgres, $crate::common::Backend::Postgres, $suite);
+        $crate::contract_suite!(@on postgres, $crate::common::Backend::Postgres, |_| {}, $suite);
 
         #[cfg(not(csm_postgres))]
         #[test]
@@ -31,21 +43,30 @@ macro_rules! contract_suite {
             );
         }
     };
-    (@on $module:ident, $backend:expr, $suite:literal) => {
+    (@on $module:ident, $backend:expr, $base:expr, $suite:literal) => {
         mod $module {
             use $crate::common;
             use std::path::Path;
 
             const BACKEND: common::Backend = $backend;
 
+            /// The settings every server of this module starts from.
+            fn base(config: &mut csm::config::Config) {
+                let base: fn(&mut csm::config::Config) = $base;
+                base(config)
+            }
+
             #[allow(dead_code)]
             fn start() -> common::TestServer {
-                common::TestServer::start_on(BACKEND, |_| {})
+                common::TestServer::start_on(BACKEND, base)
             }
 
             #[allow(dead_code)]
             fn start_with(tweak: impl FnOnce(&mut csm::config::Config)) -> common::TestServer {
-                common::TestServer::start_on(BACKEND, tweak)
+                common::TestServer::start_on(BACKEND, |c| {
+                    base(c);
+                    tweak(c)
+                })
             }
 
             #[allow(dead_code)]
@@ -53,7 +74,10 @@ macro_rules! contract_suite {
                 dir: &Path,
                 tweak: impl FnOnce(&mut csm::config::Config),
             ) -> common::TestServer {
-                common::TestServer::start_in_on(BACKEND, dir, tweak)
+                common::TestServer::start_in_on(BACKEND, dir, |c| {
+                    base(c);
+                    tweak(c)
+                })
             }
 
             include!(concat!("contract/", $suite));
