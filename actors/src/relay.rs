@@ -170,14 +170,16 @@ impl Handler<Broadcast> for FanOutRelay {
 
     fn handle(&mut self, Broadcast(window): Broadcast, _: &mut Context<Self>) {
         let mut queued = 0u64;
-        // A session whose queue is closed is gone, Detach or not.
-        self.sessions.retain(|session, (user, outbound)| {
-            if let Some((part, frames)) = window.part_for(user, *session) {
-                if outbound.push(part) {
-                    queued += frames as u64;
+        contained("a window", || {
+            // A session whose queue is closed is gone, Detach or not.
+            self.sessions.retain(|session, (user, outbound)| {
+                if let Some((part, frames)) = window.part_for(user, *session) {
+                    if outbound.push(part) {
+                        queued += frames as u64;
+                    }
                 }
-            }
-            !outbound.is_closed()
+                !outbound.is_closed()
+            })
         });
         metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
     }
@@ -188,13 +190,24 @@ impl Handler<Everywhere> for FanOutRelay {
 
     fn handle(&mut self, msg: Everywhere, _: &mut Context<Self>) {
         let mut queued = 0u64;
-        self.sessions.retain(|_, (user, outbound)| {
-            if *user != msg.except && outbound.push(msg.frame.clone()) {
-                queued += 1;
-            }
-            !outbound.is_closed()
+        contained("a status change", || {
+            self.sessions.retain(|_, (user, outbound)| {
+                if *user != msg.except && outbound.push(msg.frame.clone()) {
+                    queued += 1;
+                }
+                !outbound.is_closed()
+            })
         });
         metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
+    }
+}
+
+/// Runs a relay's work; a panic inside it (a bug) is logged and the relay
+/// goes on. Were it to stop instead, its sessions would silently get no
+/// presence again; its map stays whole whatever `retain` was doing.
+fn contained(what: &str, work: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+        log::error!("the fan-out relay panicked while queuing {what}; it goes on");
     }
 }
 
