@@ -226,27 +226,21 @@ mod tests {
     #[test]
     fn a_window_skips_its_subjects_own_frames_and_what_a_snapshot_covered() {
         let window = window();
-        assert_eq!(
-            window.part_for("carol", 1),
-            Some((Bytes::from_static(b"AAAbbbCCC"), 3))
-        );
-        assert_eq!(
-            window.part_for("alice", 2),
-            Some((Bytes::from_static(b"bbb"), 1))
-        );
-        assert_eq!(
-            window.part_for("bob", 3),
-            Some((Bytes::from_static(b"AAACCC"), 2))
-        );
         // Session 7 signed on after the first frame, session 8 after all.
-        assert_eq!(
-            window.part_for("carol", 7),
-            Some((Bytes::from_static(b"bbbCCC"), 2))
-        );
-        assert_eq!(window.part_for("carol", 8), None);
-        assert_eq!(
-            window.part_for("bob", 7),
-            Some((Bytes::from_static(b"CCC"), 1))
-        );
+        let expected: [(&str, SessionId, Option<(&'static [u8], usize)>); 6] = [
+            ("carol", 1, Some((b"AAAbbbCCC", 3))),
+            ("alice", 2, Some((b"bbb", 1))),
+            ("bob", 3, Some((b"AAACCC", 2))),
+            ("carol", 7, Some((b"bbbCCC", 2))),
+            ("carol", 8, None),
+            ("bob", 7, Some((b"CCC", 1))),
+        ];
+        for (user, session, part) in expected {
+            assert_eq!(
+                window.part_for(user, session),
+                part.map(|(bytes, frames)| (Bytes::from_static(bytes), frames)),
+                "{user}, session {session}"
+            );
+        }
     }
 }
