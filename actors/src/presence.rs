@@ -14,7 +14,7 @@
 //! session a few queue entries and writes instead of a thousand. A change
 //! after a quiet window goes out at once.
 //!
-//! Sessions run on several threads; presence does not queue the fan-out
+//! Sessions may run on several threads; presence does not queue the fan-out
 //! on each itself but hands it to the [`FanOutRelay`] of each thread once,
 //! which queues it on its own sessions. Presence queues directly only
 //! what one session needs (its sign-on snapshot) and what must not wait
@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, AsyncContext, Context, Handler, MessageResult};
+use actix::{Actor, AsyncContext, Context, Handler, MessageResult, WrapFuture};
 use bytes::Bytes;
 
 use crate::cluster::{ClusterLink, NodeState, PresenceUpdate};
@@ -36,7 +36,7 @@ use crate::messages::{
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 use crate::proto::{Packet, Status};
-use crate::relay::{Attach, Broadcast, Detach, Everywhere, FanOutRelay, Window};
+use crate::relay::{Attach, CaughtUp, Detach, RelayHandle, Window};
 use crate::store::unix_now;
 
 struct Link {
@@ -161,7 +161,7 @@ pub struct PresenceActor {
     /// Status frames gathered for every session under load.
     fan_out: FanOut,
     /// The relays of the threads that run sessions, by their number.
-    relays: BTreeMap<usize, Addr<FanOutRelay>>,
+    relays: BTreeMap<usize, RelayHandle>,
 }
 
 /// The longest a fan-out window grows to with the sessions online.
@@ -456,8 +456,19 @@ impl PresenceActor {
         }
     }
 
-    /// Schedules the send of a gathering window, if one is needed.
+    /// Schedules the send of a gathering window, if one is needed; and
+    /// while a relay is more than [`crate::relay::MAX_PENDING`] sends
+    /// behind, handles nothing more until it has caught up.
     fn schedule_fan_out(&mut self, ctx: &mut Context<Self>) {
+        for relay in self.relays.values().filter(|relay| relay.behind()) {
+            let caught_up = relay.addr.send(CaughtUp);
+            ctx.wait(
+                async move {
+                    let _ = caught_up.await;
+                }
+                .into_actor(self),
+            );
+        }
         if self.fan_out.frames.is_empty() || self.fan_out.scheduled {
             return;
         }
@@ -483,7 +494,7 @@ impl PresenceActor {
         self.fan_out.last_sent = Some(Instant::now());
         let window = std::sync::Arc::new(Window::new(Bytes::from(bytes), frames, joined));
         for relay in self.relays.values() {
-            relay.do_send(Broadcast(window.clone()));
+            relay.broadcast(window.clone());
         }
     }
 
@@ -491,10 +502,7 @@ impl PresenceActor {
     /// every user but `except`.
     fn relay_everywhere_except(&self, except: &str, frame: Bytes) {
         for relay in self.relays.values() {
-            relay.do_send(Everywhere {
-                except: except.to_owned(),
-                frame: frame.clone(),
-            });
+            relay.everywhere(except, frame.clone());
         }
     }
 
@@ -512,9 +520,9 @@ impl PresenceActor {
 }
 
 /// Tells the relay of `link` that `session` is gone.
-fn detach(relays: &BTreeMap<usize, Addr<FanOutRelay>>, session: SessionId, link: &Link) {
+fn detach(relays: &BTreeMap<usize, RelayHandle>, session: SessionId, link: &Link) {
     if let Some(relay) = relays.get(&link.relay) {
-        relay.do_send(Detach { session });
+        relay.addr.do_send(Detach { session });
     }
 }
 
@@ -602,7 +610,7 @@ impl PresenceActor {
                 user: msg.user.clone(),
                 outbound,
             });
-            actor.relays.insert(msg.relay.id, msg.relay.addr);
+            actor.relays.insert(msg.relay.id, msg.relay);
         });
     }
 
@@ -1093,6 +1101,69 @@ mod tests {
         assert_eq!(packets(&mut carol, 1).await, [online("dave")]);
         assert_eq!(packets(&mut dave, 1).await, [erin]);
         assert!(silent(&mut dave, Duration::from_millis(1200)).await);
+    }
+
+    /// A relay whose thread is stuck holds presence back once it is
+    /// `MAX_PENDING` sends behind, instead of letting its mailbox grow; and
+    /// once it runs again its sessions get every change.
+    #[actix_rt::test]
+    async fn presence_waits_for_a_relay_that_falls_behind() {
+        use crate::relay::{RelayHandle, MAX_PENDING};
+        let stuck = actix::Arbiter::new();
+        let (tx, rx) = std::sync::mpsc::channel::<RelayHandle>();
+        stuck.spawn_fn(move || {
+            let _ = tx.send(crate::relay::this_thread());
+        });
+        let relay = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let users = ["alice", "bob"].map(String::from);
+        let presence = PresenceActor::new(users).start();
+        let (outbound, mut alice) = session();
+        presence
+            .send(Register {
+                user: "alice".into(),
+                session: 1,
+                outbound,
+                peer: "127.0.0.1:1".parse().unwrap(),
+                relay: relay.clone(),
+            })
+            .await
+            .unwrap();
+        packets(&mut alice, 3).await;
+        let _bob = register(&presence, "bob", 2).await;
+        stuck.spawn_fn(|| std::thread::sleep(Duration::from_millis(1500)));
+        // Every change goes out at once (no window): one send to the relay each.
+        let changes = MAX_PENDING + 8;
+        let flood = presence.clone();
+        let flooding = actix::spawn(async move {
+            for n in 0..changes {
+                let _ = if n % 2 == 0 {
+                    flood
+                        .send(SetIdle {
+                            user: "bob".into(),
+                            session: 2,
+                            idle_secs: 1,
+                        })
+                        .await
+                } else {
+                    flood
+                        .send(SetActive {
+                            user: "bob".into(),
+                            session: 2,
+                        })
+                        .await
+                };
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pending = relay.pending();
+        assert!(
+            pending <= MAX_PENDING + 1,
+            "{pending} sends wait for the stuck relay"
+        );
+        flooding.await.unwrap();
+        // bob's ONLINE (sent before the relay was stuck), then every change.
+        assert_eq!(packets(&mut alice, 1 + changes).await.len(), 1 + changes);
+        stuck.stop();
     }
 
     #[actix_rt::test]

@@ -1,7 +1,8 @@
 //! FanOutRelay: one actor per thread that runs sessions, which queues
 //! presence's fan-out on the sessions of its thread.
 //!
-//! Sessions run on several network threads, presence on one. Were presence
+//! Sessions may run on several network threads
+//! (`limits.sessions_on_network_threads`), presence on one. Were presence
 //! to queue a window's frames on every session itself, each queue would
 //! wake its writer across threads: a lock and a futex per session, every
 //! window. Instead presence sends each relay the window once, and the
@@ -9,6 +10,11 @@
 //! neither. Presence tells a relay of its sessions (`Attach`, `Detach`) in
 //! the same mailbox as the windows, so a relay knows a session from the
 //! first window after its sign-on snapshot, and never before it.
+//!
+//! A relay's mailbox is bounded by presence: past [`MAX_PENDING`] windows
+//! not yet queued by a relay, presence waits for that relay to catch up
+//! before it handles anything more, and the sessions that feed it wait in
+//! turn.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -22,11 +28,44 @@ use crate::messages::SessionId;
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 
-/// A relay's address, with the number that tells relays apart.
+/// Most windows and status changes sent to a relay and not yet queued by
+/// it (each window at most 64 KiB) before presence waits for it.
+pub const MAX_PENDING: usize = 32;
+
+/// A relay's address, with the number that tells relays apart and the
+/// count of what was sent to it and not yet queued.
 #[derive(Clone)]
 pub struct RelayHandle {
     pub id: usize,
     pub addr: Addr<FanOutRelay>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl RelayHandle {
+    /// Sends the relay a window to queue on its sessions.
+    pub fn broadcast(&self, window: Arc<Window>) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.addr.do_send(Broadcast(window));
+    }
+
+    /// Sends the relay a frame to queue on every session but `except`'s.
+    pub fn everywhere(&self, except: &str, frame: Bytes) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.addr.do_send(Everywhere {
+            except: except.to_owned(),
+            frame,
+        });
+    }
+
+    /// Sends not yet handled by the relay.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// True when more than [`MAX_PENDING`] sends wait in its mailbox.
+    pub fn behind(&self) -> bool {
+        self.pending() > MAX_PENDING
+    }
 }
 
 thread_local! {
@@ -42,9 +81,15 @@ pub fn this_thread() -> RelayHandle {
         match relay.as_ref() {
             Some(handle) if handle.addr.connected() => handle.clone(),
             _ => {
+                let pending = Arc::new(AtomicUsize::new(0));
+                let actor = FanOutRelay {
+                    sessions: HashMap::new(),
+                    pending: pending.clone(),
+                };
                 let handle = RelayHandle {
                     id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                    addr: FanOutRelay::default().start(),
+                    addr: actor.start(),
+                    pending,
                 };
                 *relay = Some(handle.clone());
                 handle
@@ -56,12 +101,12 @@ pub fn this_thread() -> RelayHandle {
 /// One gathered window of status frames, shared by every relay.
 pub struct Window {
     /// The frames, back to back.
-    pub bytes: Bytes,
+    bytes: Bytes,
     /// Where each frame starts in `bytes`, and whose sessions skip it.
-    pub frames: Vec<(usize, String)>,
+    frames: Vec<(usize, String)>,
     /// Sessions that signed on during the window, and how much of `bytes`
     /// their sign-on snapshot already covers.
-    pub joined: HashMap<SessionId, usize>,
+    joined: HashMap<SessionId, usize>,
     /// The users the frames are about.
     subjects: HashSet<String>,
 }
@@ -111,9 +156,10 @@ impl Window {
 }
 
 /// The sessions of one thread, as presence registered them.
-#[derive(Default)]
 pub struct FanOutRelay {
     sessions: HashMap<SessionId, (String, Outbound)>,
+    /// Shared with the handle: sends not yet handled.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Actor for FanOutRelay {
@@ -139,14 +185,25 @@ pub struct Detach {
 /// Queue a window on every session of the thread.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Broadcast(pub Arc<Window>);
+struct Broadcast(Arc<Window>);
 
 /// Queue one frame on every session of the thread but those of `except`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Everywhere {
-    pub except: String,
-    pub frame: Bytes,
+struct Everywhere {
+    except: String,
+    frame: Bytes,
+}
+
+/// Answered once everything sent before it is handled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CaughtUp;
+
+impl Handler<CaughtUp> for FanOutRelay {
+    type Result = ();
+
+    fn handle(&mut self, _: CaughtUp, _: &mut Context<Self>) {}
 }
 
 impl Handler<Attach> for FanOutRelay {
@@ -181,6 +238,7 @@ impl Handler<Broadcast> for FanOutRelay {
                 !outbound.is_closed()
             })
         });
+        self.pending.fetch_sub(1, Ordering::AcqRel);
         metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
     }
 }
@@ -198,6 +256,7 @@ impl Handler<Everywhere> for FanOutRelay {
                 !outbound.is_closed()
             })
         });
+        self.pending.fetch_sub(1, Ordering::AcqRel);
         metrics::counter!(metrics_names::FANOUT_PACKETS).increment(queued);
     }
 }
