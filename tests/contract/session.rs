@@ -154,7 +154,7 @@ async fn presence_across_three_users_and_two_sessions() {
     assert_eq!(next_status(&mut alice3).await.0, "bob");
     assert_eq!(next_status(&mut alice2).await.0, "bob");
     // Last sessions end, the active one first: IDLE (as above), then
-    // OFFLINE once. (Sessions run on several threads: closes of two
+    // OFFLINE once. (Sessions may run on several threads: closes of two
     // sessions at the same moment are seen in either order, so each close
     // waits for its news.)
     alice3.close().await;
