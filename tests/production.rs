@@ -249,3 +249,78 @@ fn offline_backup_through_the_cli() {
     );
     let _ = Instant::now();
 }
+
+/// A login that finds every password check taken for the configured wait
+/// is told so, on both protocols, with the documented words; nothing is
+/// lost and the same logins succeed once the checks are free. (One check
+/// at a time and no wait make sixteen logins at once overlap: each runs
+/// argon2 for tens of milliseconds.)
+#[tokio::test]
+async fn a_login_that_finds_the_password_checks_busy_is_told_so_on_both_protocols() {
+    use csm::client::{ClientError, SessionClient};
+    use csm_actors::proto::lines::ErrorCode;
+    let server = TestServer::start_with(|c| {
+        c.limits.password_checks = 1;
+        c.timeouts.password_check_wait_secs = 0;
+    });
+    let session_users: Vec<String> = (0..16).map(|n| format!("s{n}")).collect();
+    let message_users: Vec<String> = (0..16).map(|n| format!("m{n}")).collect();
+    for user in session_users.iter().chain(&message_users) {
+        server.add_user(user, &password_of(user));
+    }
+    let server = &server;
+    let logins = session_users.iter().map(|user| async move {
+        let password = password_of(user);
+        SessionClient::login(&server.connector, server.session_addr, user, &password).await
+    });
+    let mut busy_logins = Vec::new();
+    for (user, result) in session_users
+        .iter()
+        .zip(futures_util::future::join_all(logins).await)
+    {
+        match result {
+            Ok(_) => {}
+            Err(ClientError::LoginRefused(reason)) => {
+                assert_eq!(reason, "server busy; try again later", "{user}");
+                busy_logins.push(user.clone());
+            }
+            Err(e) => panic!("{user}: {e}"),
+        }
+    }
+    assert!(!busy_logins.is_empty(), "no login found the checks busy");
+
+    let data = sample_data("hello");
+    let data = &data;
+    let sends = message_users.iter().enumerate().map(|(n, user)| {
+        let id = format!("busy-{n}");
+        async move { (id.clone(), server.send(user, &id, &["s0"], data).await) }
+    });
+    let mut busy_sends = Vec::new();
+    for (user, (id, result)) in message_users
+        .iter()
+        .zip(futures_util::future::join_all(sends).await)
+    {
+        match result {
+            Ok(()) => {}
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, ErrorCode::Unavailable, "{user}: {e}");
+                assert_eq!(e.text, "server busy; try again later", "{user}");
+                busy_sends.push((user.clone(), id));
+            }
+            Err(e) => panic!("{user}: {e}"),
+        }
+    }
+    assert!(!busy_sends.is_empty(), "no send found the checks busy");
+
+    // One at a time, the refused ones succeed, and every message is there.
+    for user in &busy_logins {
+        server.login(user).await;
+    }
+    for (user, id) in &busy_sends {
+        server.send(user, id, &["s0"], data).await.unwrap();
+    }
+    for n in 0..message_users.len() {
+        let received = server.receive("s0", &format!("busy-{n}")).await.unwrap();
+        assert_eq!(&received.data, data);
+    }
+}

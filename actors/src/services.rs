@@ -115,6 +115,10 @@ impl Services {
     }
 }
 
+/// The answer to a login that found every password check taken for
+/// `timeouts.password_check_wait_secs`, on both protocols.
+pub const SERVER_BUSY: &str = "server busy; try again later";
+
 /// The result of a credential check, for either protocol to phrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginOutcome {
@@ -155,7 +159,7 @@ impl Services {
                 }
                 LoginOutcome::WrongCredentials
             }
-            Err(AuthError::Busy) => LoginOutcome::Unavailable("server busy; try again".into()),
+            Err(AuthError::Busy) => LoginOutcome::Unavailable(SERVER_BUSY.into()),
             Err(AuthError::Store(e)) if e.is_transient() => {
                 LoginOutcome::Unavailable(format!("{e}; try again"))
             }
