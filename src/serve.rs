@@ -86,12 +86,18 @@ pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener)> {
 async fn listen(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(addr).await? {
-        let socket = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+        // A host without IPv6 cannot even create the socket of an IPv6
+        // address a name resolves to: try the next address then too.
+        let listening = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(backlog)
+        });
+        match listening {
             Ok(listener) => return Ok(listener),
             Err(e) => last = Some(e),
         }

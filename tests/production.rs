@@ -324,3 +324,23 @@ async fn a_login_that_finds_the_password_checks_busy_is_told_so_on_both_protocol
         assert_eq!(&received.data, data);
     }
 }
+
+/// An address another program holds is refused with an error that names
+/// the setting and the address, not a bare "address in use".
+#[tokio::test]
+async fn a_taken_address_is_refused_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let config = csm::config::Config {
+        session_addr: taken_addr.clone(),
+        message_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    let error = csm::serve::bind(&config).await.err().expect("refused");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains(&format!("binding the session address {taken_addr}"))
+            && text.to_lowercase().contains("in use"),
+        "{text}"
+    );
+}
