@@ -336,7 +336,7 @@ async fn a_taken_address_is_refused_with_a_clear_error() {
         message_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
-    let error = csm::serve::bind(&config).await.err().expect("refused");
+    let error = csm::serve::bind(&config).await.expect_err("refused");
     let text = format!("{error:#}");
     assert!(
         text.contains(&format!("binding the session address {taken_addr}"))
