@@ -5,12 +5,14 @@
 //! The suite is in `contract/message.rs` and runs once per backend: on the
 //! embedded sled store, and on a PostgreSQL that the tests start
 //! themselves (module `postgres`, built when PostgreSQL's programs are
-//! installed; CI requires them).
+//! installed; CI requires them), and once more on sled with the session
+//! streams on the network threads, where a recipient's notice crosses
+//! threads before the sender's `done`.
 
 #[macro_use]
 mod common;
 
-contract_suite!("message.rs");
+contract_suite!("message.rs", also_with_sessions_on_network_threads);
 
 /// Large data is written to its spool file by the courier before the
 /// mailbox records it; a send refused or retried after that must not leave

@@ -36,7 +36,7 @@ use crate::messages::{
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 use crate::proto::{Packet, Status};
-use crate::relay::{Attach, CaughtUp, Detach, RelayHandle, Window};
+use crate::relay::{CaughtUp, RelayHandle, Window};
 use crate::store::unix_now;
 
 struct Link {
@@ -460,6 +460,8 @@ impl PresenceActor {
     /// while a relay is more than [`crate::relay::MAX_PENDING`] sends
     /// behind, handles nothing more until it has caught up.
     fn schedule_fan_out(&mut self, ctx: &mut Context<Self>) {
+        // A relay whose thread stopped (shutdown) takes nothing more.
+        self.relays.retain(|_, relay| relay.connected());
         for relay in self.relays.values().filter(|relay| relay.behind()) {
             let caught_up = relay.addr.send(CaughtUp);
             ctx.wait(
@@ -522,7 +524,7 @@ impl PresenceActor {
 /// Tells the relay of `link` that `session` is gone.
 fn detach(relays: &BTreeMap<usize, RelayHandle>, session: SessionId, link: &Link) {
     if let Some(relay) = relays.get(&link.relay) {
-        relay.addr.do_send(Detach { session });
+        relay.detach(session);
     }
 }
 
@@ -605,11 +607,7 @@ impl PresenceActor {
             }
             // After the snapshot, in the relay's mailbox before any window
             // the session is to get.
-            msg.relay.addr.do_send(Attach {
-                session: msg.session,
-                user: msg.user.clone(),
-                outbound,
-            });
+            msg.relay.attach(msg.session, msg.user.clone(), outbound);
             actor.relays.insert(msg.relay.id, msg.relay);
         });
     }
@@ -984,6 +982,16 @@ mod tests {
         user: &str,
         id: SessionId,
     ) -> tokio::io::DuplexStream {
+        register_with(presence, user, id, crate::relay::this_thread()).await
+    }
+
+    /// Signs a session on whose fan-out goes through `relay`.
+    async fn register_with(
+        presence: &actix::Addr<PresenceActor>,
+        user: &str,
+        id: SessionId,
+        relay: crate::relay::RelayHandle,
+    ) -> tokio::io::DuplexStream {
         let (outbound, read) = session();
         presence
             .send(Register {
@@ -991,7 +999,7 @@ mod tests {
                 session: id,
                 outbound,
                 peer: "127.0.0.1:1".parse().unwrap(),
-                relay: crate::relay::this_thread(),
+                relay,
             })
             .await
             .unwrap();
@@ -1117,17 +1125,7 @@ mod tests {
         let relay = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let users = ["alice", "bob"].map(String::from);
         let presence = PresenceActor::new(users).start();
-        let (outbound, mut alice) = session();
-        presence
-            .send(Register {
-                user: "alice".into(),
-                session: 1,
-                outbound,
-                peer: "127.0.0.1:1".parse().unwrap(),
-                relay: relay.clone(),
-            })
-            .await
-            .unwrap();
+        let mut alice = register_with(&presence, "alice", 1, relay.clone()).await;
         packets(&mut alice, 3).await;
         let _bob = register(&presence, "bob", 2).await;
         stuck.spawn_fn(|| std::thread::sleep(Duration::from_millis(1500)));

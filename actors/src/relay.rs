@@ -11,10 +11,10 @@
 //! the same mailbox as the windows, so a relay knows a session from the
 //! first window after its sign-on snapshot, and never before it.
 //!
-//! A relay's mailbox is bounded by presence: past [`MAX_PENDING`] windows
-//! not yet queued by a relay, presence waits for that relay to catch up
-//! before it handles anything more, and the sessions that feed it wait in
-//! turn.
+//! A relay's mailbox is bounded by presence: past [`MAX_PENDING`] sends
+//! (windows, status changes, attaches and detaches) not yet handled by a
+//! relay, presence waits for that relay to catch up before it handles
+//! anything more, and the sessions that feed it wait in turn.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -28,8 +28,8 @@ use crate::messages::SessionId;
 use crate::metrics as metrics_names;
 use crate::outbound::Outbound;
 
-/// Most windows and status changes sent to a relay and not yet queued by
-/// it (each window at most 64 KiB) before presence waits for it.
+/// Most sends to a relay not yet handled by it (a window is at most 64 KiB)
+/// before presence waits for it.
 pub const MAX_PENDING: usize = 32;
 
 /// A relay's address, with the number that tells relays apart and the
@@ -44,17 +44,45 @@ pub struct RelayHandle {
 impl RelayHandle {
     /// Sends the relay a window to queue on its sessions.
     pub fn broadcast(&self, window: Arc<Window>) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        self.addr.do_send(Broadcast(window));
+        self.send(Broadcast(window));
     }
 
     /// Sends the relay a frame to queue on every session but `except`'s.
     pub fn everywhere(&self, except: &str, frame: Bytes) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        self.addr.do_send(Everywhere {
+        self.send(Everywhere {
             except: except.to_owned(),
             frame,
         });
+    }
+
+    /// Tells the relay of a session that signed on: its snapshot is
+    /// queued, windows after it are its.
+    pub fn attach(&self, session: SessionId, user: String, outbound: Outbound) {
+        self.send(Attach {
+            session,
+            user,
+            outbound,
+        });
+    }
+
+    /// Tells the relay a session is gone.
+    pub fn detach(&self, session: SessionId) {
+        self.send(Detach { session });
+    }
+
+    /// Every send is counted until the relay has handled it.
+    fn send<M>(&self, message: M)
+    where
+        M: Message<Result = ()> + Send + 'static,
+        FanOutRelay: Handler<M>,
+    {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.addr.do_send(message);
+    }
+
+    /// False once the relay's thread has stopped.
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
     }
 
     /// Sends not yet handled by the relay.
@@ -166,20 +194,18 @@ impl Actor for FanOutRelay {
     type Context = Context<Self>;
 }
 
-/// A session signed on: its snapshot is queued, windows after it are its.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Attach {
-    pub session: SessionId,
-    pub user: String,
-    pub outbound: Outbound,
+struct Attach {
+    session: SessionId,
+    user: String,
+    outbound: Outbound,
 }
 
-/// A session is gone.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Detach {
-    pub session: SessionId,
+struct Detach {
+    session: SessionId,
 }
 
 /// Queue a window on every session of the thread.
@@ -211,6 +237,7 @@ impl Handler<Attach> for FanOutRelay {
 
     fn handle(&mut self, msg: Attach, _: &mut Context<Self>) {
         self.sessions.insert(msg.session, (msg.user, msg.outbound));
+        self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -219,6 +246,7 @@ impl Handler<Detach> for FanOutRelay {
 
     fn handle(&mut self, msg: Detach, _: &mut Context<Self>) {
         self.sessions.remove(&msg.session);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
