@@ -153,16 +153,15 @@ async fn presence_across_three_users_and_two_sessions() {
     bob.send(&Packet::Idle { idle_secs: 0 }).await.unwrap();
     assert_eq!(next_status(&mut alice3).await.0, "bob");
     assert_eq!(next_status(&mut alice2).await.0, "bob");
-    // Last sessions end, the active one first: IDLE (as above), then
-    // OFFLINE once. (Sessions may run on several threads: closes of two
-    // sessions at the same moment are seen in either order, so each close
-    // waits for its news.)
+    // Last sessions end, the idle one first: no news, then OFFLINE once.
+    // (Sessions may run on several threads, where two closes at the same
+    // moment are seen in either order: the second close waits until the
+    // server has seen the first.)
+    alice2.close().await;
+    wait_for_sessions_of(&server, "alice", 1).await;
     alice3.close().await;
     let (user, status, _) = next_status(&mut carol).await;
     assert_eq!((user.as_str(), status), ("bob", Status::Idle));
-    let (user, status, _) = next_status(&mut carol).await;
-    assert_eq!((user.as_str(), status), ("alice", Status::Idle));
-    alice2.close().await;
     assert_eq!(
         next_status(&mut carol).await,
         ("alice".into(), Status::Offline, None)
@@ -173,6 +172,28 @@ async fn presence_across_three_users_and_two_sessions() {
         next_status(&mut carol).await,
         ("bob".into(), Status::Offline, None)
     );
+}
+
+/// Waits (bounded) until the server lists `count` sessions of `user`.
+async fn wait_for_sessions_of(server: &common::TestServer, user: &str, count: usize) {
+    use csm::admin::protocol::{Reply, Request};
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok(Reply::Sessions { sessions }) =
+            csm::admin::execute(&server.data_dir, Request::Sessions)
+        else {
+            panic!("admin sessions failed");
+        };
+        let open = sessions.iter().filter(|s| s.user == user).count();
+        if open == count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user} still has {open} sessions, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
