@@ -159,7 +159,9 @@ pub struct Timeouts {
     pub fan_out_window_millis: u64,
     /// Microseconds the fan-out window grows by per session online (up to
     /// one second): each fan-out writes to every session, so with many
-    /// sessions they come less often (0: the window stays as set).
+    /// sessions they come less often, and under load presence makes at
+    /// most one write per session every this many microseconds times the
+    /// sessions (0: the window stays as set).
     pub fan_out_micros_per_session: u64,
     /// How long failed logins are remembered, and a lockout lasts.
     pub login_lockout_secs: u64,
@@ -188,7 +190,7 @@ impl Default for Timeouts {
             id_retention_secs: 24 * 3600,
             commit_window_micros: 1000,
             fan_out_window_millis: 10,
-            fan_out_micros_per_session: 40,
+            fan_out_micros_per_session: 200,
             login_lockout_secs: 15 * 60,
             login_delay_max_ms: 4000,
             password_check_wait_secs: 10,

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use crate::client::Connector;
 use content::ContentSpec;
 use ledger::{Count, Ledger, Metric};
-use report::{Hold, Machine, Report, ServerUsage};
+use report::{Hold, Machine, Report, ServerUsage, SignOnCost};
 use target::{process_usage, NodeAddrs, ProcessUsage, Spawned};
 use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
 use workload::{Figures, Workload};
@@ -548,12 +548,12 @@ pub async fn run_scenario(
     let pids = &target.server_pids;
     // The server's CPU over the measured wave, from its first login until
     // presence converged (or, holding, the sign-on traffic settled).
-    let mut wave_from = usage_before;
+    let mut wave_from = WaveReading::now(usage_before);
     let wave_users = first.len();
     let (mut sign_on_rate, mut convergence) = driver
         .wave(first.clone(), scenario.ramp, check_presence)
         .await?;
-    let mut wave_until = process_usage(pids);
+    let mut wave_until = WaveReading::now(process_usage(pids));
     let mut hold = None;
     let mut queue = None;
     let mut steady_from = None;
@@ -562,11 +562,11 @@ pub async fn run_scenario(
         driver
             .settle(Duration::from_millis(500), Duration::from_secs(30))
             .await;
-        wave_from = process_usage(pids);
+        wave_from = WaveReading::now(process_usage(pids));
         (sign_on_rate, convergence) = driver
             .wave(first, scenario.reconnect_ramp, check_presence)
             .await?;
-        wave_until = process_usage(pids);
+        wave_until = WaveReading::now(process_usage(pids));
     }
     if scenario.hold {
         // Measure once the sign-on traffic has settled.
@@ -574,7 +574,7 @@ pub async fn run_scenario(
             .settle(Duration::from_secs(2), Duration::from_secs(300))
             .await;
         let after = process_usage(pids);
-        wave_until = after;
+        wave_until = WaveReading::now(after);
         // The sessions then sit idle; what the server holds for them is
         // read once the memory of the burst had time to go back (the
         // server returns free memory every few seconds).
@@ -679,8 +679,9 @@ pub async fn run_scenario(
             .map(|(b, a)| ServerUsage::between(b, a)),
         baseline: None,
         hold,
-        sign_on_server_cpu_ms: cpu_between(wave_from, wave_until)
+        sign_on_server_cpu_ms: cpu_between(wave_from.server, wave_until.server)
             .map(|secs| secs * 1000.0 / wave_users.max(1) as f64),
+        sign_on_cost: wave_from.cost_until(&wave_until, wave_users),
         queue,
         workload: None,
         series: ledger.series(),
@@ -695,6 +696,38 @@ pub async fn run_scenario(
 
 /// How long held sessions sit idle before the server's memory is read.
 const HOLD_IDLE: Duration = Duration::from_secs(10);
+
+/// The CPU counters of the server and of this simulator at one moment of
+/// a sign-on wave.
+#[derive(Debug, Clone, Copy)]
+struct WaveReading {
+    server: Option<ProcessUsage>,
+    simulator: Option<ProcessUsage>,
+}
+
+impl WaveReading {
+    fn now(server: Option<ProcessUsage>) -> WaveReading {
+        WaveReading {
+            server,
+            simulator: target::one_process_usage(std::process::id()),
+        }
+    }
+
+    /// Where the machine's CPU went per sign-on between this reading and
+    /// `until`.
+    fn cost_until(&self, until: &WaveReading, sign_ons: usize) -> Option<SignOnCost> {
+        let (from_server, until_server) = (self.server?, until.server?);
+        let (from_sim, until_sim) = (self.simulator?, until.simulator?);
+        let per_sign_on = |secs: f64| secs.max(0.0) * 1000.0 / sign_ons.max(1) as f64;
+        let argon2 = until_server.argon2_cpu_secs - from_server.argon2_cpu_secs;
+        let server = until_server.cpu_secs - from_server.cpu_secs;
+        Some(SignOnCost {
+            server_argon2_ms: per_sign_on(argon2),
+            server_other_ms: per_sign_on(server - argon2),
+            simulator_ms: per_sign_on(until_sim.cpu_secs - from_sim.cpu_secs),
+        })
+    }
+}
 
 /// The server's CPU seconds between two readings, if both were made.
 fn cpu_between(from: Option<ProcessUsage>, until: Option<ProcessUsage>) -> Option<f64> {

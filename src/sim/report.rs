@@ -41,11 +41,26 @@ pub struct Report {
     /// sign-on traffic settled: the server's own cost, whatever the
     /// simulator's.
     pub sign_on_server_cpu_ms: Option<f64>,
+    /// The same wave's CPU per sign-on split between the server's argon2,
+    /// the rest of the server and this simulator, which shares the
+    /// machine.
+    pub sign_on_cost: Option<SignOnCost>,
     /// The offline queue phase, if the scenario had one.
     pub queue: Option<QueueReport>,
     /// The figures of the named workload this run was.
     pub workload: Option<Figures>,
     pub series: Vec<Second>,
+}
+
+/// CPU milliseconds per sign-on of the measured wave, by who spent them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SignOnCost {
+    /// The server's argon2 threads (cold sign-ons only).
+    pub server_argon2_ms: f64,
+    /// The rest of the server: TLS, sessions, presence, the store.
+    pub server_other_ms: f64,
+    /// This simulator: its TLS clients and the packets it decodes.
+    pub simulator_ms: f64,
 }
 
 /// This machine.
@@ -186,6 +201,13 @@ impl Report {
             let _ = writeln!(
                 out,
                 "server CPU per sign-on of the measured wave: {ms:.3} ms"
+            );
+        }
+        if let Some(cost) = &self.sign_on_cost {
+            let _ = writeln!(
+                out,
+                "  of which argon2 {:.3} ms, the rest of the server {:.3} ms; simulator {:.3} ms",
+                cost.server_argon2_ms, cost.server_other_ms, cost.simulator_ms
             );
         }
         if let Some(q) = &self.queue {

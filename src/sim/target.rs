@@ -284,6 +284,8 @@ pub fn add_users_live(data_dir: &Path, users: &[(String, String)]) -> Result<()>
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ProcessUsage {
     pub cpu_secs: f64,
+    /// The part of `cpu_secs` spent on the server's argon2 threads.
+    pub argon2_cpu_secs: f64,
     pub rss_kib: u64,
     pub peak_rss_kib: u64,
 }
@@ -298,6 +300,7 @@ pub fn process_usage(pids: &[u32]) -> Option<ProcessUsage> {
         let one = one_process_usage(pid)?;
         Some(ProcessUsage {
             cpu_secs: sum.cpu_secs + one.cpu_secs,
+            argon2_cpu_secs: sum.argon2_cpu_secs + one.argon2_cpu_secs,
             rss_kib: sum.rss_kib + one.rss_kib,
             peak_rss_kib: sum.peak_rss_kib + one.peak_rss_kib,
         })
@@ -305,14 +308,18 @@ pub fn process_usage(pids: &[u32]) -> Option<ProcessUsage> {
 }
 
 /// Reads a process's usage; `None` if it cannot be seen.
-fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+pub fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
+    let (_, cpu_secs) = task_cpu(&format!("/proc/{pid}/stat"))?;
+    // The argon2 threads are named by the server's pool (`csm-argon2-N`)
+    // and live as long as it, so their counters are never folded away.
+    let argon2_cpu_secs = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| task_cpu(&task.path().join("stat").to_string_lossy()))
+        .filter(|(name, _)| name.starts_with("csm-argon2"))
+        .map(|(_, secs)| secs)
+        .sum();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| {
         status
@@ -323,10 +330,25 @@ fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
             .unwrap_or(0)
     };
     Some(ProcessUsage {
-        cpu_secs: (utime + stime) / ticks.max(1.0),
+        cpu_secs,
+        argon2_cpu_secs,
         rss_kib: kib("VmRSS:"),
         peak_rss_kib: kib("VmHWM:"),
     })
+}
+
+/// The name and the CPU seconds (user + system) of a process or thread,
+/// from its `stat` file.
+fn task_cpu(stat_path: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // The name is in parentheses and may itself hold spaces or ')'.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((name, (utime + stime) / ticks.max(1.0)))
 }
 
 /// Raises this process's open-file limit to its hard limit (a spawned
