@@ -2,7 +2,9 @@
 //! The length is checked against the limit before any of the body is read,
 //! so an announced 2 GiB frame costs four bytes of reading, not 2 GiB.
 
+use std::future::Future;
 use std::io;
+use std::task::Poll;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -69,6 +71,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         read_exact_or_truncated(reader, &mut body).await?;
         Ok::<_, FrameError>(body)
     };
+    let mut rest = std::pin::pin!(rest);
+    // A frame is most often buffered whole by the time its first byte is:
+    // such a frame is read without arming (and cancelling) a timer.
+    let first_try = std::future::poll_fn(|cx| Poll::Ready(rest.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first_try {
+        return result.map(Some);
+    }
     match tokio::time::timeout(frame_timeout, rest).await {
         Ok(result) => result.map(Some),
         Err(_) => Err(FrameError::Timeout(frame_timeout)),
