@@ -139,6 +139,10 @@ fn named_workloads_report_their_figures() {
         w2["counts"]["sign_ons"], 60,
         "a cold wave, then the warm one"
     );
+    assert_eq!(
+        w2["sign_on_cost"]["server_argon2_ms"], 0.0,
+        "the measured wave is warm: no password is hashed"
+    );
 
     let w3 = sim_json(&["--scenario", "w3", "--queued", "200"]);
     let figures = &w3["workload"];
@@ -156,6 +160,37 @@ fn named_workloads_report_their_figures() {
         assert_eq!(report["verdict"]["lost"], 0);
         assert_eq!(report["verdict"]["missed_presence"], 0);
     }
+}
+
+/// A cold wave's CPU per sign-on is split between the server's argon2
+/// threads, the rest of the server and the simulator, and the server's two
+/// parts add up to its whole.
+#[test]
+fn a_cold_wave_splits_its_cpu_between_argon2_the_server_and_the_simulator() {
+    let report = sim_json(&[
+        "--users",
+        "12",
+        "--duration",
+        "0",
+        "--rate",
+        "0",
+        "--idle-rate",
+        "0",
+        "--offline-fraction",
+        "0",
+    ]);
+    let cost = &report["sign_on_cost"];
+    let argon2 = cost["server_argon2_ms"].as_f64().unwrap();
+    let rest = cost["server_other_ms"].as_f64().unwrap();
+    let whole = report["sign_on_server_cpu_ms"].as_f64().unwrap();
+    // Twelve argon2 verifications of 19 MiB each: far more than the 10 ms
+    // a CPU reading can tell apart.
+    assert!(argon2 > 1.0, "{report}");
+    assert!(rest >= 0.0, "{report}");
+    assert!((argon2 + rest - whole).abs() < 1e-6, "{report}");
+    assert!(cost["simulator_ms"].as_f64().unwrap() >= 0.0, "{report}");
+    assert_eq!(report["counts"]["sign_ons"], 12);
+    assert_eq!(report["verdict"]["missed_presence"], 0);
 }
 
 #[test]
