@@ -129,19 +129,61 @@ struct Books {
     last_done: Option<Instant>,
     first_received: Option<Instant>,
     last_received: Option<Instant>,
-    /// observer → (user → shown idle); absent means offline. Each view is
-    /// written by its user's reader alone, so the hot path never takes the
-    /// ledger's lock.
+    /// observer → what it shows of each user. Each view is written by its
+    /// user's reader alone, so the hot path never takes the ledger's lock.
     views: HashMap<String, View>,
     last_event: Option<Instant>,
 }
 
-/// What one simulated user believes about the others' presence.
-pub type View = Arc<Mutex<HashMap<String, bool>>>;
+/// What one simulated user believes about the others' presence: a slot
+/// per user of the roster (none yet before the first `StatusChange`),
+/// `None` for offline, else whether idle.
+pub type View = Arc<Mutex<Vec<Option<bool>>>>;
+
+/// The simulated users' names, each at its place: `prefix` and the index
+/// in five or more digits. A reader finds a user's slot in its view from
+/// the name by reading the digits back, without hashing the name, as it
+/// does for every `StatusChange` it reads.
+pub struct Roster {
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl Roster {
+    pub fn new(prefix: &str, users: usize) -> Roster {
+        Roster {
+            prefix: prefix.to_owned(),
+            names: (0..users).map(|i| format!("{prefix}{i:05}")).collect(),
+        }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Records in `view` how it shows `user` (`None`: offline, else
+    /// whether idle). A user outside the roster, not one of this run's, is
+    /// no part of the check.
+    pub fn show(&self, view: &mut Vec<Option<bool>>, user: &str, shown: Option<bool>) {
+        if let Some(slot) = self.index_of(user) {
+            if view.is_empty() {
+                view.resize(self.names.len(), None);
+            }
+            view[slot] = shown;
+        }
+    }
+
+    /// The slot of `name`, if it is one of the roster's users.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        let index: usize = name.strip_prefix(&self.prefix)?.parse().ok()?;
+        (self.names.get(index)? == name).then_some(index)
+    }
+}
 
 /// Shared by every simulated user; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
+    roster: Arc<Roster>,
     books: Arc<Mutex<Books>>,
     /// StatusChange packets received, counted without the lock.
     status_packets: Arc<AtomicU64>,
@@ -152,24 +194,20 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-impl Default for Ledger {
-    fn default() -> Self {
-        Ledger::new()
-    }
-}
-
 impl Books {
     /// Calls `each` for every online observer's view of another user that
     /// differs from the truth (with a way to describe it), while it says
     /// go on.
-    fn mismatches(&self, mut each: impl FnMut(&dyn Fn() -> String) -> bool) {
+    fn mismatches(&self, roster: &Roster, mut each: impl FnMut(&dyn Fn() -> String) -> bool) {
         for (observer, view) in &self.views {
             if !self.truth.get(observer).is_some_and(|t| t.0) {
                 continue;
             }
             let view = view.lock().unwrap_or_else(|p| p.into_inner());
             for (user, (online, idle)) in &self.truth {
-                let shown = view.get(user).copied();
+                let shown = roster
+                    .index_of(user)
+                    .and_then(|slot| view.get(slot).copied().flatten());
                 let truth = online.then_some(*idle);
                 if user == observer || shown == truth {
                     continue;
@@ -185,12 +223,17 @@ impl Books {
 }
 
 impl Ledger {
-    pub fn new() -> Ledger {
+    pub fn new(roster: Arc<Roster>) -> Ledger {
         Ledger {
+            roster,
             books: Arc::new(Mutex::new(Books::default())),
             status_packets: Arc::new(AtomicU64::new(0)),
             start: Instant::now(),
         }
+    }
+
+    pub fn roster(&self) -> &Roster {
+        &self.roster
     }
 
     fn books(&self) -> MutexGuard<'_, Books> {
@@ -245,6 +288,8 @@ impl Ledger {
 
     /// A fresh view for `observer`, which its reader fills in.
     pub fn new_view(&self, observer: &str) -> View {
+        // Sized at its first write: a run that only holds sessions writes
+        // none, and 20,000 users of 20,000 slots would be 800 MB.
         let view = View::default();
         self.books().views.insert(observer.to_owned(), view.clone());
         view
@@ -397,7 +442,7 @@ impl Ledger {
             })
             .sum();
         let mut missed = books.missed_presence;
-        books.mismatches(|_| {
+        books.mismatches(&self.roster, |_| {
             missed += 1;
             true
         });
@@ -416,7 +461,7 @@ impl Ledger {
         let books = self.books();
         let mut converged = books.missed_presence == 0;
         if converged {
-            books.mismatches(|_| {
+            books.mismatches(&self.roster, |_| {
                 converged = false;
                 false
             });
@@ -428,7 +473,7 @@ impl Ledger {
     /// of a run that did not converge.
     pub fn presence_mismatches(&self, most: usize) -> Vec<String> {
         let mut found = Vec::new();
-        self.books().mismatches(|line| {
+        self.books().mismatches(&self.roster, |line| {
             found.push(line());
             found.len() < most
         });
@@ -510,9 +555,13 @@ pub struct Percentiles {
 mod tests {
     use super::*;
 
+    fn ledger_of_two() -> Ledger {
+        Ledger::new(Arc::new(Roster::new("u", 2)))
+    }
+
     #[test]
     fn lost_duplicated_and_corrupted_are_counted() {
-        let ledger = Ledger::new();
+        let ledger = ledger_of_two();
         let now = Instant::now();
         let to = vec!["b".to_string(), "c".to_string()];
         ledger.scheduled("m1", "a", &to, 7, now);
@@ -529,20 +578,24 @@ mod tests {
     }
 
     #[test]
+    fn a_roster_finds_its_own_names_only() {
+        let roster = Roster::new("u", 2);
+        assert_eq!(roster.names(), ["u00000", "u00001"]);
+        assert_eq!(roster.index_of("u00001"), Some(1));
+        for stranger in ["u00002", "x00001", "u1", "u", "u0000x", ""] {
+            assert_eq!(roster.index_of(stranger), None, "{stranger:?}");
+        }
+    }
+
+    #[test]
     fn presence_views_are_checked_against_the_truth() {
-        let ledger = Ledger::new();
-        ledger.set_truth("a", true, false);
-        ledger.set_truth("b", true, true);
-        ledger
-            .new_view("a")
-            .lock()
-            .unwrap()
-            .insert("b".into(), true);
-        ledger
-            .new_view("b")
-            .lock()
-            .unwrap()
-            .insert("a".into(), true);
+        let ledger = ledger_of_two();
+        let (a, b) = ("u00000", "u00001");
+        ledger.set_truth(a, true, false);
+        ledger.set_truth(b, true, true);
+        let roster = ledger.roster();
+        roster.show(&mut ledger.new_view(a).lock().unwrap(), b, Some(true));
+        roster.show(&mut ledger.new_view(b).lock().unwrap(), a, Some(true));
         assert_eq!(
             ledger.verdict().missed_presence,
             1,
@@ -551,13 +604,9 @@ mod tests {
         assert!(!ledger.presence_converged());
         assert_eq!(
             ledger.presence_mismatches(5),
-            vec!["b sees a as Some(true) (idle?), truth Some(false)".to_string()]
+            vec!["u00001 sees u00000 as Some(true) (idle?), truth Some(false)".to_string()]
         );
-        ledger
-            .new_view("b")
-            .lock()
-            .unwrap()
-            .insert("a".into(), false);
+        roster.show(&mut ledger.new_view(b).lock().unwrap(), a, Some(false));
         assert!(ledger.presence_converged());
         assert_eq!(ledger.verdict().missed_presence, 0);
     }

@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 
 use crate::client::Connector;
 use content::ContentSpec;
-use ledger::{Count, Ledger, Metric};
+use ledger::{Count, Ledger, Metric, Roster};
 use report::{Hold, Machine, Report, ServerUsage, SignOnCost};
 use target::{process_usage, NodeAddrs, ProcessUsage, Spawned};
 use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
@@ -292,12 +292,10 @@ pub struct TargetInfo {
 
 /// The simulated users' names and passwords.
 pub fn user_credentials(scenario: &Scenario) -> Vec<(String, String)> {
-    (0..scenario.users)
-        .map(|i| {
-            let name = format!("{}{i:05}", scenario.prefix);
-            let password = password_for(&scenario.prefix, &name);
-            (name, password)
-        })
+    Roster::new(&scenario.prefix, scenario.users)
+        .names()
+        .iter()
+        .map(|name| (name.clone(), password_for(&scenario.prefix, name)))
         .collect()
 }
 
@@ -509,7 +507,7 @@ pub async fn run_scenario(
     target: &TargetInfo,
     progress: bool,
 ) -> Result<Report> {
-    let ledger = Ledger::new();
+    let ledger = Ledger::new(Arc::new(Roster::new(&scenario.prefix, scenario.users)));
     let first = target.nodes.first().context("no server to run against")?;
     let sources = if first.session.ip().is_loopback() && first.session.is_ipv4() {
         (0..scenario.source_ips.min(250))

@@ -281,12 +281,13 @@ async fn read_session(
                 if username == name {
                     own_seen = true;
                 } else if world.track_presence {
-                    let mut view = view.lock().unwrap_or_else(|p| p.into_inner());
-                    match status {
-                        Status::Online | Status::Back => view.insert(username, false),
-                        Status::Idle => view.insert(username, true),
-                        Status::Offline => view.remove(&username),
+                    let shown = match status {
+                        Status::Online | Status::Back => Some(false),
+                        Status::Idle => Some(true),
+                        Status::Offline => None,
                     };
+                    let mut view = view.lock().unwrap_or_else(|p| p.into_inner());
+                    world.ledger.roster().show(&mut view, &username, shown);
                 }
             }
             Some(Packet::MessageAvailable { id, .. }) => {
