@@ -289,7 +289,7 @@ impl Ledger {
     /// A fresh view for `observer`, which its reader fills in.
     pub fn new_view(&self, observer: &str) -> View {
         // Sized at its first write: a run that only holds sessions writes
-        // none, and 20,000 users of 20,000 slots would be 800 MB.
+        // none, and 20,000 users of 20,000 slots would be 400 MB.
         let view = View::default();
         self.books().views.insert(observer.to_owned(), view.clone());
         view
