@@ -137,12 +137,23 @@ impl Packet {
         let Ok(Item::Map(entries)) = reader.next_item() else {
             return Err(PacketError::NotAMap);
         };
-        let fields = reader.clone();
+        // One pass over the entries finds the type and keeps the value of
+        // every field a known packet has, before the type is known (it may
+        // come last); which of them belong to the packet is decided after.
         let mut kind = None;
-        for _ in 0..entries {
+        let mut slots = Slots::default();
+        for entry in 0..entries {
             let key = text(reader.next_item()).ok_or(PacketError::NotAMap)?;
             if key == "type" {
+                slots.saw_type(entry);
                 kind = Some(text(reader.next_item()).ok_or(PacketError::NoType)?);
+            } else if let Some(slot) = FIELD_NAMES.iter().position(|name| *name == key) {
+                let item = reader
+                    .clone()
+                    .next_item()
+                    .map_err(|e| PacketError::NotMessagePack(e.to_string()))?;
+                skip(&mut reader);
+                slots.offer(slot, item, entry);
             } else {
                 skip(&mut reader);
             }
@@ -155,7 +166,9 @@ impl Packet {
             kind: kind.to_owned(),
             detail,
         };
-        let slots = Slots::collect(fields, entries, kind).map_err(bad)?;
+        if let Some(name) = slots.first_repeated(fields_of(kind)) {
+            return Err(bad(format!("duplicate field `{name}`")));
+        }
         slots.packet(kind).map(Decoded::Known).map_err(bad)
     }
 }
@@ -187,52 +200,62 @@ fn fields_of(kind: &str) -> &'static [&'static str] {
     }
 }
 
-/// The most fields a packet has.
-const MAX_FIELDS: usize = 3;
+/// Every field name of every known packet.
+const FIELD_NAMES: [&str; 9] = [
+    "username",
+    "password",
+    "ok",
+    "reason",
+    "status",
+    "idle_secs",
+    "id",
+    "from",
+    "size",
+];
 
-/// The value given for each field of the packet being decoded; a container
+/// The value given for each name of [`FIELD_NAMES`] (the first, if given
+/// twice), and where a name, or `type`, came a second time; a container
 /// value is kept as its header only (no field takes one).
+#[derive(Default)]
 struct Slots<'a> {
-    names: &'static [&'static str],
-    values: [Option<Item<'a>>; MAX_FIELDS],
+    values: [Option<Item<'a>>; FIELD_NAMES.len()],
+    repeated_at: [Option<usize>; FIELD_NAMES.len()],
+    type_seen: bool,
+    type_repeated_at: Option<usize>,
 }
 
 impl<'a> Slots<'a> {
-    fn collect(mut reader: Reader<'a>, entries: usize, kind: &str) -> Result<Slots<'a>, String> {
-        let mut slots = Slots {
-            names: fields_of(kind),
-            values: [None; MAX_FIELDS],
-        };
-        let mut seen_type = false;
-        for _ in 0..entries {
-            // Every key was found to be a UTF-8 `str` already.
-            let key = match reader.next_item() {
-                Ok(Item::Str(bytes)) => bytes,
-                _ => &[],
-            };
-            if key == b"type" {
-                if std::mem::replace(&mut seen_type, true) {
-                    return Err("duplicate field `type`".into());
-                }
-                skip(&mut reader);
-                continue;
-            }
-            let Some(slot) = slots.names.iter().position(|n| n.as_bytes() == key) else {
-                skip(&mut reader);
-                continue;
-            };
-            if slots.values[slot].is_some() {
-                return Err(format!("duplicate field `{}`", slots.names[slot]));
-            }
-            let item = reader.clone().next_item().map_err(|e| e.to_string())?;
-            skip(&mut reader);
-            slots.values[slot] = Some(item);
+    fn saw_type(&mut self, entry: usize) {
+        if std::mem::replace(&mut self.type_seen, true) && self.type_repeated_at.is_none() {
+            self.type_repeated_at = Some(entry);
         }
-        Ok(slots)
+    }
+
+    fn offer(&mut self, slot: usize, item: Item<'a>, entry: usize) {
+        if self.values[slot].is_none() {
+            self.values[slot] = Some(item);
+        } else if self.repeated_at[slot].is_none() {
+            self.repeated_at[slot] = Some(entry);
+        }
+    }
+
+    /// Of `type` and `fields`, the one whose second appearance came first:
+    /// a field the packet does not have may come twice, as any unknown key.
+    fn first_repeated(&self, fields: &[&'static str]) -> Option<&'static str> {
+        let type_repeated = self.type_repeated_at.map(|at| (at, "type"));
+        fields
+            .iter()
+            .filter_map(|&name| {
+                let slot = FIELD_NAMES.iter().position(|n| *n == name)?;
+                Some((self.repeated_at[slot]?, name))
+            })
+            .chain(type_repeated)
+            .min()
+            .map(|(_, name)| name)
     }
 
     fn take(&mut self, name: &str) -> Option<Item<'a>> {
-        let slot = self.names.iter().position(|&n| n == name)?;
+        let slot = FIELD_NAMES.iter().position(|&n| n == name)?;
         self.values[slot].take()
     }
 
