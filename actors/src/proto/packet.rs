@@ -571,6 +571,46 @@ mod tests {
     }
 
     #[test]
+    fn every_field_of_every_packet_has_a_slot() {
+        for kind in KNOWN_TYPES {
+            for field in fields_of(kind) {
+                assert!(FIELD_NAMES.contains(field), "{kind}.{field}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused_only_if_the_packet_has_it() {
+        use rmpv::Value;
+        // `password` is no field of StatusChange: given twice, it is an
+        // unknown key like any other.
+        let body = map(vec![
+            ("password", "x".into()),
+            ("type", "StatusChange".into()),
+            ("username", "a".into()),
+            ("status", "ONLINE".into()),
+            ("password", "y".into()),
+        ]);
+        assert!(matches!(
+            Packet::decode(&body),
+            Ok(Decoded::Known(Packet::StatusChange { .. }))
+        ));
+        // The earliest repeat is the one named, `type` included.
+        let body = map(vec![
+            ("username", "a".into()),
+            ("type", "AddUser".into()),
+            ("type", "AddUser".into()),
+            ("username", Value::Nil),
+        ]);
+        match Packet::decode(&body) {
+            Err(PacketError::BadField { detail, .. }) => {
+                assert_eq!(detail, "duplicate field `type`")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn garbage_is_rejected() {
         assert!(Packet::decode(&[0xc1]).is_err());
         assert!(matches!(
