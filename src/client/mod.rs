@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use csm_actors::proto::data::{read_data, DataLimits, ReadDataError};
-use csm_actors::proto::frame::{read_frame, FrameError};
+use csm_actors::proto::frame::{read_frame_into, FrameError};
 use csm_actors::proto::lines::{
     read_line, recipients_block, Action, Header, LineError, StreamError, DONE,
 };
@@ -170,33 +170,46 @@ const SESSION_READ_BUFFER: usize = 8 * 1024;
 /// The read side of a session stream.
 pub struct SessionReader {
     reader: BufReader<ReadHalf<Tls>>,
+    /// The body of the frame being read, kept for the next one.
+    body: Vec<u8>,
 }
 
 impl SessionReader {
     /// The next packet, or `None` when the server closed the stream.
     pub async fn recv(&mut self, wait: Duration) -> Result<Option<Decoded>, ClientError> {
-        let frame =
-            tokio::time::timeout(wait, read_frame(&mut self.reader, CLIENT_FRAME_LIMIT, STEP))
-                .await
-                .map_err(|_| ClientError::Timeout("packet"))?;
-        Self::decoded(frame)
+        let read = tokio::time::timeout(
+            wait,
+            read_frame_into(&mut self.reader, CLIENT_FRAME_LIMIT, STEP, &mut self.body),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout("packet"))?;
+        self.decoded(read)
     }
 
     /// The next packet, waiting as long as it takes (a session may be
     /// silent for hours); a frame once begun must still finish in time.
     /// Saves a timer per packet where a reader has nothing else to do.
     pub async fn recv_unbounded(&mut self) -> Result<Option<Decoded>, ClientError> {
-        Self::decoded(read_frame(&mut self.reader, CLIENT_FRAME_LIMIT, STEP).await)
+        let read =
+            read_frame_into(&mut self.reader, CLIENT_FRAME_LIMIT, STEP, &mut self.body).await;
+        self.decoded(read)
     }
 
-    fn decoded(frame: Result<Option<Vec<u8>>, FrameError>) -> Result<Option<Decoded>, ClientError> {
-        match frame {
-            Ok(Some(body)) => Ok(Some(Packet::decode(&body)?)),
-            Ok(None) => Ok(None),
+    fn decoded(&mut self, read: Result<bool, FrameError>) -> Result<Option<Decoded>, ClientError> {
+        let decoded = match read {
+            Ok(true) => Packet::decode(&self.body)
+                .map(Some)
+                .map_err(ClientError::from),
+            Ok(false) => Ok(None),
             // A reset after the server's close counts as the close.
             Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ok(None),
             Err(e) => Err(e.into()),
+        };
+        // A rare large frame does not stay with the reader.
+        if self.body.capacity() > SESSION_READ_BUFFER {
+            self.body = Vec::new();
         }
+        decoded
     }
 
     /// The next known packet, skipping unknown types as a client must.
@@ -293,6 +306,7 @@ impl SessionClient {
         SessionClient {
             reader: SessionReader {
                 reader: BufReader::with_capacity(SESSION_READ_BUFFER, reader),
+                body: Vec::new(),
             },
             writer: SessionWriter { writer },
         }

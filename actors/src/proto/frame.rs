@@ -59,27 +59,41 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     limit: usize,
     frame_timeout: Duration,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut body = Vec::new();
+    let read = read_frame_into(reader, limit, frame_timeout, &mut body).await?;
+    Ok(read.then_some(body))
+}
+
+/// [`read_frame`] into `body` (its old content replaced), for a reader
+/// that takes many frames and would rather not allocate one buffer each.
+/// False on a clean end of stream between frames.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+    frame_timeout: Duration,
+    body: &mut Vec<u8>,
+) -> Result<bool, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let first = reader.read(&mut header[..1]).await?;
     if first == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let rest = async {
         read_exact_or_truncated(reader, &mut header[1..]).await?;
         let len = check_length(header, limit)?;
-        let mut body = vec![0u8; len];
-        read_exact_or_truncated(reader, &mut body).await?;
-        Ok::<_, FrameError>(body)
+        body.clear();
+        body.resize(len, 0);
+        read_exact_or_truncated(reader, body).await
     };
     let mut rest = std::pin::pin!(rest);
     // A frame is most often buffered whole by the time its first byte is:
     // such a frame is read without arming (and cancelling) a timer.
     let first_try = std::future::poll_fn(|cx| Poll::Ready(rest.as_mut().poll(cx))).await;
     if let Poll::Ready(result) = first_try {
-        return result.map(Some);
+        return result.map(|()| true);
     }
     match tokio::time::timeout(frame_timeout, rest).await {
-        Ok(result) => result.map(Some),
+        Ok(result) => result.map(|()| true),
         Err(_) => Err(FrameError::Timeout(frame_timeout)),
     }
 }
