@@ -252,20 +252,8 @@ fn random_value(rng: &mut StdRng, key: &str, depth: usize) -> rmpv::Value {
 /// A random map over the packets' keys, with repeats and strangers; half
 /// of them start from a whole packet of one kind.
 fn random_map(rng: &mut StdRng, depth: usize) -> rmpv::Value {
-    let keys = [
-        "type",
-        "type",
-        "username",
-        "password",
-        "ok",
-        "reason",
-        "status",
-        "idle_secs",
-        "id",
-        "from",
-        "size",
-        "extra",
-    ];
+    let mut keys = vec!["type", "type", "extra"];
+    keys.extend(csm_actors::proto::packet::FIELD_NAMES);
     let kinds: [(&str, &[&str]); 7] = [
         ("Login", &["username", "password"]),
         ("LoginResponse", &["ok", "reason"]),

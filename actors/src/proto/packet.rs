@@ -201,7 +201,7 @@ fn fields_of(kind: &str) -> &'static [&'static str] {
 }
 
 /// Every field name of every known packet.
-const FIELD_NAMES: [&str; 9] = [
+pub const FIELD_NAMES: [&str; 9] = [
     "username",
     "password",
     "ok",
