@@ -700,14 +700,14 @@ const HOLD_IDLE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 struct WaveReading {
     server: Option<ProcessUsage>,
-    simulator: Option<ProcessUsage>,
+    simulator_cpu_secs: Option<f64>,
 }
 
 impl WaveReading {
     fn now(server: Option<ProcessUsage>) -> WaveReading {
         WaveReading {
             server,
-            simulator: target::one_process_usage(std::process::id()),
+            simulator_cpu_secs: target::own_cpu_secs(),
         }
     }
 
@@ -715,14 +715,14 @@ impl WaveReading {
     /// `until`.
     fn cost_until(&self, until: &WaveReading, sign_ons: usize) -> Option<SignOnCost> {
         let (from_server, until_server) = (self.server?, until.server?);
-        let (from_sim, until_sim) = (self.simulator?, until.simulator?);
+        let (from_sim, until_sim) = (self.simulator_cpu_secs?, until.simulator_cpu_secs?);
         let per_sign_on = |secs: f64| secs.max(0.0) * 1000.0 / sign_ons.max(1) as f64;
         let argon2 = until_server.argon2_cpu_secs - from_server.argon2_cpu_secs;
         let server = until_server.cpu_secs - from_server.cpu_secs;
         Some(SignOnCost {
             server_argon2_ms: per_sign_on(argon2),
             server_other_ms: per_sign_on(server - argon2),
-            simulator_ms: per_sign_on(until_sim.cpu_secs - from_sim.cpu_secs),
+            simulator_ms: per_sign_on(until_sim - from_sim),
         })
     }
 }

@@ -308,7 +308,7 @@ pub fn process_usage(pids: &[u32]) -> Option<ProcessUsage> {
 }
 
 /// Reads a process's usage; `None` if it cannot be seen.
-pub fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
+fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
     let (_, cpu_secs) = task_cpu(&format!("/proc/{pid}/stat"))?;
     // The argon2 threads are named by the server's pool (`csm-argon2-N`)
     // and live as long as it, so their counters are never folded away.
@@ -335,6 +335,11 @@ pub fn one_process_usage(pid: u32) -> Option<ProcessUsage> {
         rss_kib: kib("VmRSS:"),
         peak_rss_kib: kib("VmHWM:"),
     })
+}
+
+/// This process's CPU seconds (user + system), all threads.
+pub fn own_cpu_secs() -> Option<f64> {
+    task_cpu("/proc/self/stat").map(|(_, secs)| secs)
 }
 
 /// The name and the CPU seconds (user + system) of a process or thread,
