@@ -423,7 +423,15 @@ async fn serve_connection(
     guard: csm_actors::services::ConnectionGuard,
 ) {
     let _guard = guard;
-    let handshake = tokio::time::timeout(services.timeouts.handshake(), acceptor.accept(stream));
+    // The handshake and the protocol run in futures of their own on the
+    // heap. This future is allocated at the size of its largest state and
+    // lives as long as the connection: inline, the handshake (about 1.3 KiB)
+    // and the two protocols would make every idle session carry several
+    // KiB of states it is done with or never enters.
+    let handshake = Box::pin(tokio::time::timeout(
+        services.timeouts.handshake(),
+        acceptor.accept(stream),
+    ));
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -437,7 +445,9 @@ async fn serve_connection(
             return;
         }
     };
-    match protocol {
+    // Built before it is awaited, so that no binding of the TLS stream
+    // (over 1 KiB) is alive across the await and kept in this future.
+    let connection: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> = match protocol {
         Protocol::Session => {
             // A session's writer hands over at most this much at a time; the
             // TLS layer need not hold more (its default is 64 KiB, which
@@ -446,10 +456,11 @@ async fn serve_connection(
             tls.get_mut()
                 .1
                 .set_buffer_limit(Some(services.limits.write_coalesce_bytes));
-            session::serve(tls, peer, services).await
+            Box::pin(session::serve(tls, peer, services))
         }
-        Protocol::Message => courier::serve(tls, peer, services).await,
-    }
+        Protocol::Message => Box::pin(courier::serve(tls, peer, services)),
+    };
+    connection.await
 }
 
 /// No Nagle delay (packets are small and already coalesced), and TCP
@@ -463,5 +474,116 @@ fn tune_socket(stream: &TcpStream, services: &Services) {
         .with_retries(6);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         log::debug!("could not enable TCP keepalive: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context as TaskContext, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+
+    use super::*;
+
+    /// A stream that carries 4 KiB beside its bytes, as a TLS stream
+    /// carries its connection state: a future that keeps the stream it was
+    /// given shows it in its size.
+    struct Bulky {
+        inner: DuplexStream,
+        _state: [u8; 4096],
+    }
+
+    impl AsyncRead for Bulky {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Bulky {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Every idle session holds its connection's future and its session's
+    /// future for as long as it is open, each allocated at the size of its
+    /// largest state. The handshake, the sign-on and the message protocol
+    /// are the largest states and are over (or never entered) by then: they
+    /// must run in futures of their own, and the stream must not stay in
+    /// the session's future beside the halves it was split into.
+    #[actix_rt::test]
+    async fn an_open_session_keeps_no_state_it_is_done_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let opened = Opened::open(&config, 0).await.unwrap();
+        let services = Arc::new(Services::new(
+            config.limits.clone(),
+            config.timeouts.clone(),
+            opened.backing.clone(),
+        ));
+        let certs = tls::CertStore::new(tls::dev_identity(dir.path()).unwrap()).unwrap();
+        let acceptor = TlsAcceptor::from(tls::server_config(certs).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let guard = services.admit(peer.ip()).unwrap();
+
+        let connection = serve_connection(
+            stream,
+            peer,
+            Protocol::Session,
+            acceptor,
+            services.clone(),
+            guard,
+        );
+        let connection_bytes = std::mem::size_of_val(&connection);
+        assert!(
+            connection_bytes <= 512,
+            "a connection's future takes {connection_bytes} bytes"
+        );
+
+        let (bulky, _other_end) = tokio::io::duplex(64);
+        let session = session::serve(
+            Bulky {
+                inner: bulky,
+                _state: [0; 4096],
+            },
+            peer,
+            services.clone(),
+        );
+        let session_bytes = std::mem::size_of_val(&session);
+        assert!(
+            session_bytes <= 1024,
+            "a session's future takes {session_bytes} bytes with a stream of 4 KiB"
+        );
+
+        drop((connection, session, client, services));
+        opened.close().await;
     }
 }

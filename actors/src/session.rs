@@ -11,7 +11,7 @@ use actix::{
     Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler, WrapFuture,
 };
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::messages::{
     next_session_id, Register, SessionId, SetActive, SetIdle, Subscribe, Unregister, Unsubscribe,
@@ -26,64 +26,39 @@ use crate::services::{LoginOutcome, Services};
 pub const LOGIN_REFUSED: &str = "unknown user or wrong password";
 
 /// Serves one session stream, from its first byte to its close.
-pub async fn serve<S>(stream: S, peer: SocketAddr, services: Arc<Services>)
+///
+/// The stream is split before the future is made: an async function keeps
+/// its arguments in its future for as long as it runs, and the TLS stream
+/// (over 1 KiB) would stay there beside the two halves it was split into.
+pub fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    services: Arc<Services>,
+) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    serve_halves(reader, writer, peer, services)
+}
+
+async fn serve_halves<S>(
+    mut reader: ReadHalf<S>,
+    mut writer: WriteHalf<S>,
+    peer: SocketAddr,
+    services: Arc<Services>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    // The sign-on runs in a future of its own on the heap: this future is
+    // allocated at the size of its largest state and lives as long as the
+    // session, and the sign-on's states (the first frame, the password
+    // check) are the largest but last only until the login is answered.
+    let Some(username) = Box::pin(sign_on(&mut reader, &mut writer, peer, &services)).await else {
+        return;
+    };
     let limits = &services.limits;
     let timeouts = &services.timeouts;
-    let first = tokio::time::timeout(
-        timeouts.login(),
-        read_frame(&mut reader, limits.frame_bytes, timeouts.frame()),
-    )
-    .await;
-    let (username, password) = match first {
-        Ok(Ok(Some(body))) => match Packet::decode(&body) {
-            Ok(Decoded::Known(Packet::Login { username, password })) => (username, password),
-            other => {
-                log::info!("session from {peer}: first packet is not Login ({other:?}); closed");
-                return;
-            }
-        },
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            log::info!("session from {peer}: {e}; closed before login");
-            return;
-        }
-        Err(_) => {
-            log::info!(
-                "session from {peer}: no Login within {:?}; closed",
-                timeouts.login()
-            );
-            return;
-        }
-    };
-    let refusal = match services.check_login(&username, &password, peer.ip()).await {
-        LoginOutcome::Accepted => None,
-        LoginOutcome::WrongCredentials => Some(LOGIN_REFUSED.to_owned()),
-        LoginOutcome::Throttled(reason) => Some(reason),
-        LoginOutcome::Unavailable(reason) => Some(reason),
-        LoginOutcome::Failed(e) => {
-            log::error!("login check for {username} failed: {e}");
-            Some("internal error; try again later".to_owned())
-        }
-    };
-    if let Some(reason) = refusal {
-        metrics::counter!(crate::metrics::SIGN_ON_FAILURES).increment(1);
-        log::info!("session from {peer}: login refused for {username:?}: {reason}");
-        let frame = Packet::LoginResponse {
-            ok: false,
-            reason: Some(reason),
-        }
-        .to_frame();
-        let _ = tokio::time::timeout(timeouts.write(), async {
-            writer.write_all(&frame).await?;
-            writer.shutdown().await
-        })
-        .await;
-        return;
-    }
     #[cfg(feature = "failpoints")]
     let writer = outbound::SlowWriter::new(
         writer,
@@ -119,6 +94,74 @@ where
         log::info!("session {session} from {peer}: writer stopped: {end:?}");
     }
     addr.do_send(Close);
+}
+
+/// Reads the `Login` (within the login timeout) and checks it. The user's
+/// name if it was accepted; otherwise the refusal was written, the stream
+/// shut down, and `None`.
+async fn sign_on<S>(
+    reader: &mut ReadHalf<S>,
+    writer: &mut WriteHalf<S>,
+    peer: SocketAddr,
+    services: &Services,
+) -> Option<String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &services.limits;
+    let timeouts = &services.timeouts;
+    let first = tokio::time::timeout(
+        timeouts.login(),
+        read_frame(reader, limits.frame_bytes, timeouts.frame()),
+    )
+    .await;
+    let (username, password) = match first {
+        Ok(Ok(Some(body))) => match Packet::decode(&body) {
+            Ok(Decoded::Known(Packet::Login { username, password })) => (username, password),
+            other => {
+                log::info!("session from {peer}: first packet is not Login ({other:?}); closed");
+                return None;
+            }
+        },
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            log::info!("session from {peer}: {e}; closed before login");
+            return None;
+        }
+        Err(_) => {
+            log::info!(
+                "session from {peer}: no Login within {:?}; closed",
+                timeouts.login()
+            );
+            return None;
+        }
+    };
+    let refusal = match services.check_login(&username, &password, peer.ip()).await {
+        LoginOutcome::Accepted => None,
+        LoginOutcome::WrongCredentials => Some(LOGIN_REFUSED.to_owned()),
+        LoginOutcome::Throttled(reason) => Some(reason),
+        LoginOutcome::Unavailable(reason) => Some(reason),
+        LoginOutcome::Failed(e) => {
+            log::error!("login check for {username} failed: {e}");
+            Some("internal error; try again later".to_owned())
+        }
+    };
+    if let Some(reason) = refusal {
+        metrics::counter!(crate::metrics::SIGN_ON_FAILURES).increment(1);
+        log::info!("session from {peer}: login refused for {username:?}: {reason}");
+        let frame = Packet::LoginResponse {
+            ok: false,
+            reason: Some(reason),
+        }
+        .to_frame();
+        let _ = tokio::time::timeout(timeouts.write(), async {
+            writer.write_all(&frame).await?;
+            writer.shutdown().await
+        })
+        .await;
+        return None;
+    }
+    Some(username)
 }
 
 /// One item from the reader: a frame body, or why reading stopped.
