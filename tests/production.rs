@@ -250,6 +250,67 @@ fn offline_backup_through_the_cli() {
     let _ = Instant::now();
 }
 
+/// An admin command that hashes a password and finds every password check
+/// taken is told the server is busy, with the login's words and a kind of
+/// its own (not `internal`). Nothing is changed by it, and the same command
+/// succeeds once the checks are free. (One check at a time and no wait make
+/// twelve additions at once overlap, as in the login test below.)
+#[tokio::test]
+async fn an_admin_command_that_finds_the_password_checks_busy_is_told_so() {
+    use csm::admin::protocol::{FailureKind, Reply, Request};
+    let server = TestServer::start_with(|c| {
+        c.limits.password_checks = 1;
+        c.timeouts.password_check_wait_secs = 0;
+    });
+    let names: Vec<String> = (0..12).map(|n| format!("a{n}")).collect();
+    let additions = names.iter().map(|name| {
+        let dir = server.data_dir.clone();
+        let request = Request::UserAdd {
+            name: name.clone(),
+            password: password_of(name),
+        };
+        tokio::task::spawn_blocking(move || csm::admin::execute(&dir, request))
+    });
+    let mut busy = Vec::new();
+    for (name, result) in names
+        .iter()
+        .zip(futures_util::future::join_all(additions).await)
+    {
+        match result.unwrap() {
+            Ok(_) => {}
+            Err(failure) => {
+                assert_eq!(failure.kind, FailureKind::Busy, "{name}: {failure:?}");
+                assert_eq!(failure.message, "server busy; try again later", "{name}");
+                busy.push(name.clone());
+            }
+        }
+    }
+    assert!(!busy.is_empty(), "no addition found the checks busy");
+
+    let Reply::Users { users, .. } =
+        csm::admin::execute(&server.data_dir, Request::UserList).unwrap()
+    else {
+        panic!("user list answered something else")
+    };
+    for name in &busy {
+        assert!(
+            users.iter().all(|row| &row.name != name),
+            "{name} was added though the answer was busy"
+        );
+    }
+    for name in &busy {
+        csm::admin::execute(
+            &server.data_dir,
+            Request::UserAdd {
+                name: name.clone(),
+                password: password_of(name),
+            },
+        )
+        .unwrap();
+        server.login(name).await;
+    }
+}
+
 /// A login that finds every password check taken for the configured wait
 /// is told so, on both protocols, with the documented words; nothing is
 /// lost and the same logins succeed once the checks are free. (One check

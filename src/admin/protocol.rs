@@ -64,6 +64,9 @@ pub enum FailureKind {
     Refused,
     /// The server or store failed.
     Internal,
+    /// Every password check was taken for the configured wait: the same
+    /// request may succeed later.
+    Busy,
 }
 
 /// A failed operation.
@@ -94,6 +97,18 @@ impl Failure {
         match e.code {
             csm_actors::proto::lines::ErrorCode::NoSuchMessage => Failure::not_found(e.text),
             _ => Failure::internal(e),
+        }
+    }
+
+    /// A password hashing error as the admin reports it: a full pool is
+    /// the server's busy answer, as a login gets it, not an internal error.
+    pub fn from_auth(e: csm_actors::auth::AuthError) -> Failure {
+        match e {
+            csm_actors::auth::AuthError::Busy => Failure {
+                kind: FailureKind::Busy,
+                message: csm_actors::services::SERVER_BUSY.to_owned(),
+            },
+            e => Failure::internal(e),
         }
     }
 

@@ -124,7 +124,7 @@ pub async fn execute(request: Request, services: &Services, data_dir: &Path) -> 
                 .auth
                 .hash(&password)
                 .await
-                .map_err(Failure::internal)?;
+                .map_err(Failure::from_auth)?;
             let record = UserRecord {
                 password_hash: hash,
                 created_unix: unix_now(),
@@ -182,7 +182,7 @@ pub async fn execute(request: Request, services: &Services, data_dir: &Path) -> 
                 .auth
                 .hash(&password)
                 .await
-                .map_err(Failure::internal)?;
+                .map_err(Failure::from_auth)?;
             if !services
                 .users
                 .update_user(&name, &record)
