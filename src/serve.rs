@@ -84,13 +84,22 @@ pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener)> {
 /// library and tokio queue 128: a reconnect storm of a few thousand
 /// clients would have most connects dropped and retried a second later.)
 async fn listen(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    listen_first(tokio::net::lookup_host(addr).await?, backlog)
+}
+
+/// A listener on the first of `addrs` that takes it; the last address's
+/// error if none does.
+fn listen_first(
+    addrs: impl IntoIterator<Item = SocketAddr>,
+    backlog: u32,
+) -> std::io::Result<TcpListener> {
     let mut last = None;
-    for addr in tokio::net::lookup_host(addr).await? {
+    for addr in addrs {
         // A host without IPv6 cannot even create the socket of an IPv6
         // address a name resolves to: try the next address then too.
         let listening = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
         }
         .and_then(|socket| {
             socket.set_reuseaddr(true)?;
@@ -524,6 +533,25 @@ mod tests {
         ) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.inner).poll_shutdown(cx)
         }
+    }
+
+    /// A name may resolve to several addresses: the server listens on the
+    /// first one it can bind, and reports the last failure if none.
+    #[actix_rt::test]
+    async fn listening_falls_back_to_the_next_address() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap();
+        let free: SocketAddr = "127.0.0.1:0".parse().unwrap();
+
+        let listener = listen_first([taken_addr, free], 16).unwrap();
+        let bound = listener.local_addr().unwrap();
+        assert_ne!(bound, taken_addr, "it took the next address");
+        TcpStream::connect(bound).await.unwrap();
+
+        let refused = listen_first([taken_addr, taken_addr], 16).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse);
+        let nothing = listen_first([], 16).unwrap_err();
+        assert_eq!(nothing.kind(), std::io::ErrorKind::InvalidInput);
     }
 
     /// Every idle session holds its connection's future and its session's
