@@ -35,7 +35,13 @@ fn value(metrics: &str, name: &str) -> Option<f64> {
 async fn metrics_are_exposed_for_prometheus() {
     let metrics_addr = free_addr().to_string();
     let addr = metrics_addr.clone();
-    let server = TestServer::start_with(move |c| c.metrics_addr = Some(addr));
+    // Sessions on the two network threads: the two sign-ons below go to
+    // one each, which `csm_session_threads` shows.
+    let server = TestServer::start_with(move |c| {
+        c.metrics_addr = Some(addr);
+        c.limits.network_threads = 2;
+        c.limits.sessions_on_network_threads = true;
+    });
     for user in ["alice", "bob"] {
         server.add_user(user, &password_of(user));
     }
@@ -57,6 +63,7 @@ async fn metrics_are_exposed_for_prometheus() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(value(&text, "csm_sessions_open"), Some(2.0), "{text}");
     assert_eq!(value(&text, "csm_users_online"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "csm_session_threads"), Some(2.0), "{text}");
     assert_eq!(value(&text, "csm_sign_ons_total"), Some(2.0), "{text}");
     assert_eq!(
         value(&text, "csm_messages_stored_total"),

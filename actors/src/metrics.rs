@@ -8,6 +8,11 @@ pub const SESSIONS_OPEN: &str = "csm_sessions_open";
 pub const USERS_ONLINE: &str = "csm_users_online";
 /// Gauge: online users shown idle.
 pub const USERS_IDLE: &str = "csm_users_idle";
+/// Gauge: threads that have run signed-on sessions, each reached by
+/// presence through a fan-out relay of its own: 1 when sessions run with
+/// presence, up to `limits.network_threads` with
+/// `limits.sessions_on_network_threads`.
+pub const SESSION_THREADS: &str = "csm_session_threads";
 /// Counter: successful sign-ons.
 pub const SIGN_ONS: &str = "csm_sign_ons_total";
 /// Counter: refused sign-ons (wrong credentials, busy).

@@ -508,7 +508,8 @@ impl PresenceActor {
         }
     }
 
-    /// Publishes how many users are online and idle.
+    /// Publishes how many users are online and idle, and on how many
+    /// threads sessions run.
     fn publish(&self) {
         let now = Instant::now();
         let idle = self
@@ -518,6 +519,7 @@ impl PresenceActor {
             .count();
         metrics::gauge!(metrics_names::USERS_ONLINE).set(self.online.len() as f64);
         metrics::gauge!(metrics_names::USERS_IDLE).set(idle as f64);
+        metrics::gauge!(metrics_names::SESSION_THREADS).set(self.relays.len() as f64);
     }
 }
 
