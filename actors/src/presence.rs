@@ -57,7 +57,12 @@ impl Link {
 }
 
 struct OnlineUser {
+    /// Changed only through the methods below, which keep `active`.
     sessions: HashMap<SessionId, Link>,
+    /// Sessions not idle. While there is one the user is shown online, and
+    /// the sign-on snapshot, which asks this of every user, learns it
+    /// without visiting the sessions.
+    active: usize,
     /// This user's `StatusChange ONLINE` frame, encoded once: every
     /// sign-on snapshot and the user's own `ONLINE` broadcast reuse it.
     online_frame: Bytes,
@@ -67,6 +72,9 @@ impl OnlineUser {
     /// Idle when every session is idle; then the idle time is that of the
     /// session that went idle last.
     fn idle_secs(&self, now: Instant) -> Option<u64> {
+        if self.active > 0 {
+            return None;
+        }
         let mut shortest: Option<u64> = None;
         for link in self.sessions.values() {
             let secs = link.idle_secs(now)?;
@@ -78,8 +86,41 @@ impl OnlineUser {
     fn new(user: &str) -> OnlineUser {
         OnlineUser {
             sessions: HashMap::new(),
+            active: 0,
             online_frame: Bytes::from(status(user, Status::Online, None).to_frame()),
         }
+    }
+
+    /// Adds a session; the link it replaced, if any.
+    fn attach(&mut self, session: SessionId, link: Link) -> Option<Link> {
+        self.active += usize::from(link.idle.is_none());
+        let replaced = self.sessions.insert(session, link);
+        if let Some(old) = &replaced {
+            self.active -= usize::from(old.idle.is_none());
+        }
+        replaced
+    }
+
+    fn detach(&mut self, session: SessionId) -> Option<Link> {
+        let link = self.sessions.remove(&session)?;
+        self.active -= usize::from(link.idle.is_none());
+        Some(link)
+    }
+
+    /// Marks a session idle (since `now`, idle `secs` before that) or, with
+    /// `None`, active again.
+    fn set_session_idle(&mut self, session: SessionId, idle: Option<(Instant, u64)>) {
+        if let Some(link) = self.sessions.get_mut(&session) {
+            self.active -= usize::from(link.idle.is_none());
+            link.idle = idle;
+            self.active += usize::from(link.idle.is_none());
+        }
+    }
+
+    /// Keeps the sessions `keep` is true of.
+    fn retain_sessions(&mut self, mut keep: impl FnMut(SessionId, &Link) -> bool) {
+        self.sessions.retain(|session, link| keep(*session, link));
+        self.active = self.sessions.values().filter(|l| l.idle.is_none()).count();
     }
 
     fn session_infos(&self) -> Vec<SessionInfo> {
@@ -376,9 +417,10 @@ impl PresenceActor {
         }
     }
 
-    /// Every user shown online or idle, in name order, with how: one pass
-    /// over both sorted maps (this runs at every sign-on).
-    fn shown_users(&self, now: Instant) -> Vec<(&str, Shown)> {
+    /// Every user shown online or idle, in name order, with how and the
+    /// user's entry on this node if there is one: one pass over both sorted
+    /// maps (this runs at every sign-on, so nothing is looked up again).
+    fn shown_users(&self, now: Instant) -> Vec<(&str, Shown, Option<&OnlineUser>)> {
         use std::cmp::Ordering;
         let now_ms = unix_ms();
         let mut local = self.online.iter().peekable();
@@ -409,7 +451,7 @@ impl PresenceActor {
                 how = how.combine(remote_shown(nodes, now_ms));
             }
             if how != Shown::Offline {
-                shown.push((user.as_str(), how));
+                shown.push((user.as_str(), how, here));
             }
         }
         shown
@@ -541,10 +583,10 @@ impl actix::Supervised for PresenceActor {
         self.send_fan_out();
         let relays = &self.relays;
         self.online.retain(|_, user| {
-            user.sessions.retain(|session, link| {
+            user.retain_sessions(|session, link| {
                 let open = !link.outbound.is_closed();
                 if !open {
-                    detach(relays, *session, link);
+                    detach(relays, session, link);
                 }
                 open
             });
@@ -587,8 +629,7 @@ impl PresenceActor {
                 .online
                 .entry(msg.user.clone())
                 .or_insert_with(|| OnlineUser::new(&msg.user))
-                .sessions
-                .insert(
+                .attach(
                     msg.session,
                     Link {
                         outbound: msg.outbound,
@@ -622,8 +663,8 @@ impl PresenceActor {
         outbound.push(self.user_list_frames());
         let shown = self.shown_users(now);
         let mut snapshot = Vec::with_capacity(shown.len() * 40);
-        for (user, how) in shown {
-            match (how, self.online.get(user)) {
+        for (user, how, here) in shown {
+            match (how, here) {
                 (Shown::Online, Some(online)) => snapshot.extend_from_slice(&online.online_frame),
                 (Shown::Online, None) => {
                     status(user, Status::Online, None).write_frame(&mut snapshot)
@@ -646,7 +687,7 @@ impl PresenceActor {
         }
         self.change(&msg.user, true, |actor, _| {
             if let Some(online) = actor.online.get_mut(&msg.user) {
-                if let Some(link) = online.sessions.remove(&msg.session) {
+                if let Some(link) = online.detach(msg.session) {
                     actor.fan_out.sessions = actor.fan_out.sessions.saturating_sub(1);
                     detach(&actor.relays, msg.session, &link);
                 }
@@ -671,12 +712,8 @@ impl PresenceActor {
             return;
         }
         self.change(&msg.user, true, |actor, now| {
-            if let Some(link) = actor
-                .online
-                .get_mut(&msg.user)
-                .and_then(|online| online.sessions.get_mut(&msg.session))
-            {
-                link.idle = Some((now, msg.idle_secs));
+            if let Some(online) = actor.online.get_mut(&msg.user) {
+                online.set_session_idle(msg.session, Some((now, msg.idle_secs)));
             }
         });
     }
@@ -691,12 +728,8 @@ impl PresenceActor {
             return;
         }
         self.change(&msg.user, true, |actor, _| {
-            if let Some(link) = actor
-                .online
-                .get_mut(&msg.user)
-                .and_then(|online| online.sessions.get_mut(&msg.session))
-            {
-                link.idle = None;
+            if let Some(online) = actor.online.get_mut(&msg.user) {
+                online.set_session_idle(msg.session, None);
             }
         });
     }
