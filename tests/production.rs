@@ -250,6 +250,15 @@ fn offline_backup_through_the_cli() {
     let _ = Instant::now();
 }
 
+/// A server that runs one password check at a time and lets no other wait
+/// for it: logins or hashes at once find it busy.
+fn server_with_one_password_check_and_no_wait() -> TestServer {
+    TestServer::start_with(|c| {
+        c.limits.password_checks = 1;
+        c.timeouts.password_check_wait_secs = 0;
+    })
+}
+
 /// An admin command that hashes a password and finds every password check
 /// taken is told the server is busy, with the login's words and a kind of
 /// its own (not `internal`). Nothing is changed by it, and the same command
@@ -258,10 +267,7 @@ fn offline_backup_through_the_cli() {
 #[tokio::test]
 async fn an_admin_command_that_finds_the_password_checks_busy_is_told_so() {
     use csm::admin::protocol::{FailureKind, Reply, Request};
-    let server = TestServer::start_with(|c| {
-        c.limits.password_checks = 1;
-        c.timeouts.password_check_wait_secs = 0;
-    });
+    let server = server_with_one_password_check_and_no_wait();
     let names: Vec<String> = (0..12).map(|n| format!("a{n}")).collect();
     let additions = names.iter().map(|name| {
         let dir = server.data_dir.clone();
@@ -320,10 +326,7 @@ async fn an_admin_command_that_finds_the_password_checks_busy_is_told_so() {
 async fn a_login_that_finds_the_password_checks_busy_is_told_so_on_both_protocols() {
     use csm::client::{ClientError, SessionClient};
     use csm_actors::proto::lines::ErrorCode;
-    let server = TestServer::start_with(|c| {
-        c.limits.password_checks = 1;
-        c.timeouts.password_check_wait_secs = 0;
-    });
+    let server = server_with_one_password_check_and_no_wait();
     let session_users: Vec<String> = (0..16).map(|n| format!("s{n}")).collect();
     let message_users: Vec<String> = (0..16).map(|n| format!("m{n}")).collect();
     for user in session_users.iter().chain(&message_users) {
