@@ -72,6 +72,11 @@ impl OnlineUser {
     /// Idle when every session is idle; then the idle time is that of the
     /// session that went idle last.
     fn idle_secs(&self, now: Instant) -> Option<u64> {
+        debug_assert_eq!(
+            self.active,
+            self.sessions.values().filter(|l| l.idle.is_none()).count(),
+            "the count of active sessions is kept by every change of the sessions"
+        );
         if self.active > 0 {
             return None;
         }
