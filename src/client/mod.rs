@@ -167,6 +167,10 @@ type Tls = TlsStream<TcpStream>;
 /// split stream's lock and rustls; a burst of presence fills this once.
 const SESSION_READ_BUFFER: usize = 8 * 1024;
 
+/// The most a session reader keeps of a frame buffer between frames: a
+/// rare larger frame's buffer is dropped once it is decoded.
+const KEPT_FRAME_BUFFER: usize = 8 * 1024;
+
 /// The read side of a session stream.
 pub struct SessionReader {
     reader: BufReader<ReadHalf<Tls>>,
@@ -206,7 +210,7 @@ impl SessionReader {
             Err(e) => Err(e.into()),
         };
         // A rare large frame does not stay with the reader.
-        if self.body.capacity() > SESSION_READ_BUFFER {
+        if self.body.capacity() > KEPT_FRAME_BUFFER {
             self.body = Vec::new();
         }
         decoded

@@ -148,11 +148,16 @@ impl Packet {
                 slots.saw_type(entry);
                 kind = Some(text(reader.next_item()).ok_or(PacketError::NoType)?);
             } else if let Some(slot) = FIELD_NAMES.iter().position(|name| *name == key) {
+                // A scalar is read once; only a container (which no field
+                // takes, so only its header is kept) is skipped past.
+                let at = reader.clone();
                 let item = reader
-                    .clone()
                     .next_item()
                     .map_err(|e| PacketError::NotMessagePack(e.to_string()))?;
-                skip(&mut reader);
+                if matches!(item, Item::Array(_) | Item::Map(_)) {
+                    reader = at;
+                    skip(&mut reader);
+                }
                 slots.offer(slot, item, entry);
             } else {
                 skip(&mut reader);
