@@ -442,7 +442,14 @@ async fn serve_connection(
         acceptor.accept(stream),
     ));
     let tls = match handshake.await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            let kind = match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            metrics::counter!(csm_actors::metrics::HANDSHAKES, "kind" => kind).increment(1);
+            tls
+        }
         Ok(Err(e)) => {
             metrics::counter!(csm_actors::metrics::HANDSHAKE_FAILURES).increment(1);
             log::info!("TLS handshake with {peer} failed: {e}");

@@ -90,4 +90,16 @@ async fn metrics_are_exposed_for_prometheus() {
         "{text}"
     );
     assert!(text.contains("csm_commit_batch_size"), "{text}");
+    // Two sessions and three message streams, all through one connector:
+    // the first is a full handshake, later ones resume from its tickets.
+    let handshakes = |kind: &str| {
+        value(
+            &text,
+            &format!("csm_tls_handshakes_total{{kind=\"{kind}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(handshakes("full") + handshakes("resumed"), 5.0, "{text}");
+    assert!(handshakes("full") >= 1.0, "{text}");
+    assert!(handshakes("resumed") >= 1.0, "{text}");
 }
