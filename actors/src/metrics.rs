@@ -38,8 +38,8 @@ pub const SLOW_READER_CLOSES: &str = "csm_slow_reader_disconnects_total";
 /// Counter: TLS handshakes that failed or timed out.
 pub const HANDSHAKE_FAILURES: &str = "csm_handshake_failures_total";
 /// Counter: TLS handshakes completed, by `kind`: `full`, or `resumed`
-/// from a ticket or the session cache (no certificate, no signature: the
-/// cheaper kind, so a low share of it means clients do not keep tickets).
+/// from a ticket or the session cache (no certificate, no signature). A
+/// low share of resumed ones means clients do not keep their tickets.
 pub const HANDSHAKES: &str = "csm_tls_handshakes_total";
 /// Counter: message streams answered with an error line, by `code`.
 pub const STREAM_ERRORS: &str = "csm_message_stream_errors_total";
