@@ -92,7 +92,7 @@ impl SimUser {
             .then(|| self.world.sources[self.index % self.world.sources.len()])
     }
 
-    fn receive(&mut self, id: String, ctx: &mut Context<Self>) {
+    fn receive(&mut self, id: String) {
         if !self.receiving.insert(id.clone()) {
             return;
         }
@@ -100,25 +100,25 @@ impl SimUser {
         let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
         let addr = world.receiving_node(self.index).message;
-        ctx.spawn(
-            async move {
-                let _permit = world.streams.clone().acquire_owned().await;
-                let started = Instant::now();
-                match fetch_message(&connector, addr, &name, &password, &id, true).await {
-                    Ok(got) => {
-                        world.ledger.record(Metric::Receive, started.elapsed());
-                        world
-                            .ledger
-                            .received(&id, &name, &got.sender, content::digest(&got.data));
-                    }
-                    Err(e) => {
-                        log::debug!("{name}: receive {id} failed: {e}");
-                        world.ledger.count(Count::ReceiveErrors);
-                    }
+        // A task of its own, not a future of the actor's context: actix
+        // polls every future of a context at each wake-up of any of them,
+        // and a user may have hundreds of streams waiting for a permit.
+        actix::spawn(async move {
+            let _permit = world.streams.clone().acquire_owned().await;
+            let started = Instant::now();
+            match fetch_message(&connector, addr, &name, &password, &id, true).await {
+                Ok(got) => {
+                    world.ledger.record(Metric::Receive, started.elapsed());
+                    world
+                        .ledger
+                        .received(&id, &name, &got.sender, content::digest(&got.data));
+                }
+                Err(e) => {
+                    log::debug!("{name}: receive {id} failed: {e}");
+                    world.ledger.count(Count::ReceiveErrors);
                 }
             }
-            .into_actor(self),
-        );
+        });
     }
 }
 
@@ -166,9 +166,9 @@ pub struct FetchPending;
 impl Handler<FetchPending> for SimUser {
     type Result = ();
 
-    fn handle(&mut self, _: FetchPending, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: FetchPending, _: &mut Context<Self>) {
         for id in std::mem::take(&mut self.pending) {
-            self.receive(id, ctx);
+            self.receive(id);
         }
     }
 }
@@ -317,7 +317,7 @@ async fn read_session(
 impl Handler<Inbound> for SimUser {
     type Result = ();
 
-    fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Inbound, _: &mut Context<Self>) {
         match msg {
             Inbound::Available(id) => {
                 if self
@@ -327,7 +327,7 @@ impl Handler<Inbound> for SimUser {
                 {
                     self.pending.push(id);
                 } else {
-                    self.receive(id, ctx);
+                    self.receive(id);
                 }
             }
             Inbound::Ended => {
@@ -345,39 +345,37 @@ impl Handler<Inbound> for SimUser {
 impl Handler<SendOne> for SimUser {
     type Result = ();
 
-    fn handle(&mut self, msg: SendOne, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: SendOne, _: &mut Context<Self>) {
         let world = self.world.clone();
         let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
         let message_addr = world.home(self.index).message;
-        ctx.spawn(
-            async move {
-                let data = content::message_for(&msg.id, &world.content);
-                world.ledger.scheduled(
-                    &msg.id,
-                    &name,
-                    &msg.recipients,
-                    content::digest(&data),
-                    msg.scheduled,
-                );
-                let _permit = world.streams.clone().acquire_owned().await;
-                let outgoing = Outgoing {
-                    username: &name,
-                    password: &password,
-                    id: &msg.id,
-                    recipients: &msg.recipients,
-                    data: &data,
-                };
-                match send_message(&connector, message_addr, &outgoing).await {
-                    Ok(()) => world.ledger.done(&msg.id),
-                    Err(e) => {
-                        log::warn!("{name}: send {} failed: {e}", msg.id);
-                        world.ledger.count(Count::SendErrors);
-                    }
+        // Its own task, as for a receive.
+        actix::spawn(async move {
+            let data = content::message_for(&msg.id, &world.content);
+            world.ledger.scheduled(
+                &msg.id,
+                &name,
+                &msg.recipients,
+                content::digest(&data),
+                msg.scheduled,
+            );
+            let _permit = world.streams.clone().acquire_owned().await;
+            let outgoing = Outgoing {
+                username: &name,
+                password: &password,
+                id: &msg.id,
+                recipients: &msg.recipients,
+                data: &data,
+            };
+            match send_message(&connector, message_addr, &outgoing).await {
+                Ok(()) => world.ledger.done(&msg.id),
+                Err(e) => {
+                    log::warn!("{name}: send {} failed: {e}", msg.id);
+                    world.ledger.count(Count::SendErrors);
                 }
             }
-            .into_actor(self),
-        );
+        });
     }
 }
 
