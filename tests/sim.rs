@@ -219,3 +219,34 @@ fn holding_on_after_the_measurement_needs_a_hold() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--hold-secs goes with --hold"), "{stderr}");
 }
+
+/// With `--defer-receive` the send phase's CPU per message is reported
+/// for the server and the simulator apart, and every message is then
+/// received.
+#[test]
+fn the_send_phase_of_deferred_receives_is_costed() {
+    let report = sim_json(&[
+        "--users",
+        "10",
+        "--duration",
+        "1",
+        "--rate",
+        "200",
+        "--idle-rate",
+        "0",
+        "--offline-fraction",
+        "0",
+        "--attachments",
+        "0",
+        "--defer-receive",
+    ]);
+    assert_eq!(report["counts"]["sent"], 200, "{report}");
+    assert_eq!(report["counts"]["received"], 200, "{report}");
+    let cost = &report["send_cost"];
+    let server =
+        cost["server_argon2_ms"].as_f64().unwrap() + cost["server_other_ms"].as_f64().unwrap();
+    // 200 TLS handshakes and durable writes: many CPU ticks of the server.
+    assert!(server > 0.0, "{report}");
+    assert!(cost["simulator_ms"].as_f64().unwrap() >= 0.0, "{report}");
+    assert_eq!(report["verdict"]["lost"], 0);
+}

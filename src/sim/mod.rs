@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use crate::client::Connector;
 use content::ContentSpec;
 use ledger::{Count, Ledger, Metric, Roster};
-use report::{Hold, Machine, Report, ServerUsage, SignOnCost};
+use report::{CpuCost, Hold, Machine, Report, ServerUsage};
 use target::{process_usage, NodeAddrs, ProcessUsage, Spawned};
 use user::{password_for, FetchPending, SendOne, SignOff, SimUser, ToggleIdle, World};
 use workload::{Figures, Workload};
@@ -555,6 +555,7 @@ pub async fn run_scenario(
     let mut hold = None;
     let mut queue = None;
     let mut steady_from = None;
+    let mut send_cost = None;
     if scenario.reconnect {
         driver.sign_off_all().await;
         driver
@@ -601,8 +602,18 @@ pub async fn run_scenario(
         queue = Some(queue::offline_queue(&mut driver, pids).await?);
     } else {
         steady_from = Some((Instant::now(), ledger.get(Count::StatusPackets)));
-        steady(&mut driver, later).await?;
+        let sends_from = WaveReading::now(process_usage(pids));
+        let dispatched = steady(&mut driver, later).await?;
         if scenario.defer_receive {
+            // The send phase ends when every send has its answer; only then
+            // do the recipients fetch, so that it measures sends alone.
+            let answered = || ledger.get(Count::Sent) + ledger.get(Count::SendErrors);
+            let deadline = Instant::now() + Duration::from_secs_f64(scenario.drain_secs);
+            while answered() < dispatched && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let sends_until = WaveReading::now(process_usage(pids));
+            send_cost = sends_from.cost_until(&sends_until, ledger.get(Count::Sent) as usize);
             driver
                 .world
                 .defer_receive
@@ -680,6 +691,7 @@ pub async fn run_scenario(
         sign_on_server_cpu_ms: cpu_between(wave_from.server, wave_until.server)
             .map(|secs| secs * 1000.0 / wave_users.max(1) as f64),
         sign_on_cost: wave_from.cost_until(&wave_until, wave_users),
+        send_cost,
         queue,
         workload: None,
         series: ledger.series(),
@@ -713,16 +725,16 @@ impl WaveReading {
 
     /// Where the machine's CPU went per sign-on between this reading and
     /// `until`.
-    fn cost_until(&self, until: &WaveReading, sign_ons: usize) -> Option<SignOnCost> {
+    fn cost_until(&self, until: &WaveReading, events: usize) -> Option<CpuCost> {
         let (from_server, until_server) = (self.server?, until.server?);
         let (from_sim, until_sim) = (self.simulator_cpu_secs?, until.simulator_cpu_secs?);
-        let per_sign_on = |secs: f64| secs.max(0.0) * 1000.0 / sign_ons.max(1) as f64;
+        let per_event = |secs: f64| secs.max(0.0) * 1000.0 / events.max(1) as f64;
         let argon2 = until_server.argon2_cpu_secs - from_server.argon2_cpu_secs;
         let server = until_server.cpu_secs - from_server.cpu_secs;
-        Some(SignOnCost {
-            server_argon2_ms: per_sign_on(argon2),
-            server_other_ms: per_sign_on(server - argon2),
-            simulator_ms: per_sign_on(until_sim - from_sim),
+        Some(CpuCost {
+            server_argon2_ms: per_event(argon2),
+            server_other_ms: per_event(server - argon2),
+            simulator_ms: per_event(until_sim - from_sim),
         })
     }
 }
@@ -734,8 +746,8 @@ fn cpu_between(from: Option<ProcessUsage>, until: Option<ProcessUsage>) -> Optio
 }
 
 /// The steady phase: messages and idle toggles at fixed rates; the offline
-/// users sign on half-way.
-async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
+/// users sign on half-way. Returns the number of sends it started.
+async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<u64> {
     let scenario = driver.scenario.clone();
     let ledger = driver.world.ledger.clone();
     let names: Vec<String> = driver.credentials.iter().map(|(n, _)| n.clone()).collect();
@@ -796,7 +808,7 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<()> {
         }
     }
     let _ = ledger;
-    Ok(())
+    Ok(sent)
 }
 
 /// What makes this run's message ids unlike those of any earlier run

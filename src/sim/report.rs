@@ -44,7 +44,11 @@ pub struct Report {
     /// The same wave's CPU per sign-on split between the server's argon2,
     /// the rest of the server and this simulator, which shares the
     /// machine.
-    pub sign_on_cost: Option<SignOnCost>,
+    pub sign_on_cost: Option<CpuCost>,
+    /// With `--defer-receive`: the CPU per message of the send phase alone,
+    /// from its first send until every send had its answer, by who spent
+    /// it.
+    pub send_cost: Option<CpuCost>,
     /// The offline queue phase, if the scenario had one.
     pub queue: Option<QueueReport>,
     /// The figures of the named workload this run was.
@@ -52,9 +56,10 @@ pub struct Report {
     pub series: Vec<Second>,
 }
 
-/// CPU milliseconds per sign-on of the measured wave, by who spent them.
+/// CPU milliseconds per event (a sign-on of the measured wave, a message
+/// of the send phase), by who spent them.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct SignOnCost {
+pub struct CpuCost {
     /// The server's argon2 threads (cold sign-ons only).
     pub server_argon2_ms: f64,
     /// The rest of the server: TLS, sessions, presence, the store.
@@ -208,6 +213,14 @@ impl Report {
                 out,
                 "  of which argon2 {:.3} ms, the rest of the server {:.3} ms; simulator {:.3} ms",
                 cost.server_argon2_ms, cost.server_other_ms, cost.simulator_ms
+            );
+        }
+        if let Some(cost) = &self.send_cost {
+            let _ = writeln!(
+                out,
+                "CPU per message of the send phase: server {:.3} ms, simulator {:.3} ms",
+                cost.server_argon2_ms + cost.server_other_ms,
+                cost.simulator_ms
             );
         }
         if let Some(q) = &self.queue {
