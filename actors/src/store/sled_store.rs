@@ -648,18 +648,15 @@ impl Store for SledStore {
         let spooled = last && db.contains_key(seq_key(SPOOLED, seq))?;
         let mut removals = vec![mailbox_key(user, seq)];
         if last {
-            removals.extend([
-                seq_key(HEADER, seq),
-                seq_key(DATA, seq),
-                seq_key(SPOOLED, seq),
-            ]);
+            removals.extend([seq_key(HEADER, seq), seq_key(DATA, seq)]);
         }
         if !spooled {
             // Kept for the next flush (see `Pending`).
             return db.watch(db.defer(removals.into_iter().map(|k| (k, None))));
         }
-        // A file's removal is applied at once, so that the flush that
-        // unlinks the file (`write_out`) is one that carries it.
+        // The rare removal of a message kept in a file is applied at once,
+        // as it always was, ahead of the flush that unlinks the file.
+        removals.push(seq_key(SPOOLED, seq));
         let mut batch = sled::Batch::default();
         for k in removals {
             batch.remove(k);
