@@ -61,8 +61,9 @@ pub struct Scenario {
     pub reconnect: bool,
     /// Sign-ons started per second in the reconnect wave.
     pub reconnect_ramp: f64,
-    /// Recipients fetch their messages only after the steady phase, so that
-    /// it measures sends alone.
+    /// Recipients fetch their messages only once every send of the steady
+    /// phase has its answer, so that the phase measures sends alone (its
+    /// CPU per message is reported as `send_cost`).
     pub defer_receive: bool,
     /// Only sign on and hold the sessions, to measure memory per session.
     /// Presence is not checked then, and the users keep no views of it.
@@ -157,7 +158,8 @@ pub struct SimArgs {
     /// Sign-ons per second in the reconnect wave.
     #[arg(long)]
     pub reconnect_ramp: Option<f64>,
-    /// Receive only after the steady phase (measure sends alone).
+    /// Receive only once every send has its answer (measure sends alone,
+    /// and report their CPU per message).
     #[arg(long)]
     pub defer_receive: bool,
     /// Only hold the sessions open and measure server memory per session.
