@@ -74,11 +74,17 @@ struct Db {
 #[derive(Default)]
 struct Pending {
     writes: std::collections::HashMap<Vec<u8>, Option<sled::IVec>>,
+    /// Bytes of keys and values deferred since the last apply (a key
+    /// written twice counts twice).
+    bytes: usize,
 }
 
-/// Past this many pending keys they are applied at once, whatever the
-/// flushes do: a bound on the memory they hold.
+/// Past this many pending keys, or bytes, they are applied at once,
+/// whatever the flushes do: a bound on the memory they hold. sled then
+/// holds them in its own log buffers (8 MiB each), and its writers wait
+/// when those are full, as they did before writes were gathered.
 const MAX_PENDING_KEYS: usize = 65_536;
+const MAX_PENDING_BYTES: usize = 8 << 20;
 
 impl std::ops::Deref for Db {
     type Target = sled::Db;
@@ -120,8 +126,11 @@ impl Db {
         writes: impl IntoIterator<Item = (Vec<u8>, Option<sled::IVec>)>,
     ) -> Result<(), sled::Error> {
         let mut pending = self.pending.lock();
-        pending.writes.extend(writes);
-        if pending.writes.len() > MAX_PENDING_KEYS {
+        for (key, value) in writes {
+            pending.bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
+            pending.writes.insert(key, value);
+        }
+        if pending.writes.len() > MAX_PENDING_KEYS || pending.bytes > MAX_PENDING_BYTES {
             return self.apply_pending(&mut pending);
         }
         Ok(())
@@ -133,6 +142,7 @@ impl Db {
         if pending.writes.is_empty() {
             return Ok(());
         }
+        pending.bytes = 0;
         let mut batch = sled::Batch::default();
         for (key, value) in pending.writes.drain() {
             match value {
@@ -1003,6 +1013,26 @@ mod tests {
         assert!(store.message_data(2).unwrap().is_none());
         assert!(store.get_id("m3").unwrap().is_none());
         assert_eq!(store.message_data(4).unwrap().unwrap(), b"four");
+    }
+
+    /// Pending writes are bounded in bytes: past 8 MiB they go to sled
+    /// without waiting for a flush.
+    #[test]
+    fn pending_writes_hold_at_most_eight_mebibytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 60 * 1024];
+        for seq in 1..=200 {
+            put(&store, seq, &format!("m{seq}"), &["bob"], &data);
+            let held = store.db().pending.lock().bytes;
+            assert!(
+                held <= MAX_PENDING_BYTES + 61 * 1024,
+                "{held} bytes pending"
+            );
+        }
+        // 12 MB written: the first ~8 MiB went to sled on the way.
+        assert!(store.db().db.get(seq_key(DATA, 1)).unwrap().is_some());
+        assert_eq!(store.message_data(200).unwrap().unwrap(), data);
     }
 
     #[test]
