@@ -903,6 +903,16 @@ mod tests {
             .unwrap();
     }
 
+    /// Every mailbox entry of `store`, as (user, seq).
+    fn entries_of(store: &SledStore) -> Vec<(String, u64)> {
+        store
+            .mailbox_entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.user, e.seq))
+            .collect()
+    }
+
     fn id_record(seq: u64) -> IdRecord {
         IdRecord {
             sender: "alice".into(),
@@ -964,12 +974,7 @@ mod tests {
             assert_eq!(store.message_data(2).unwrap().unwrap(), b"two");
 
             store.remove_entry("carol", 1, false).unwrap();
-            let entries: Vec<(String, u64)> = store
-                .mailbox_entries()
-                .unwrap()
-                .into_iter()
-                .map(|e| (e.user, e.seq))
-                .collect();
+            let entries = entries_of(&store);
             assert_eq!(entries, [("bob".to_string(), 1), ("bob".to_string(), 2)]);
             assert!(
                 store.db().pending.lock().writes.is_empty(),
@@ -996,12 +1001,7 @@ mod tests {
             // Closed without a flush.
         }
         let store = SledStore::open(dir.path()).unwrap();
-        let entries: Vec<(String, u64)> = store
-            .mailbox_entries()
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.user, e.seq))
-            .collect();
+        let entries = entries_of(&store);
         assert_eq!(
             entries,
             [
@@ -1220,12 +1220,7 @@ mod tests {
         }
         std::fs::remove_file(dir.path().join("spool").join(format!("{:016x}", 7))).unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        let entries: Vec<(String, u64)> = store
-            .mailbox_entries()
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.user, e.seq))
-            .collect();
+        let entries = entries_of(&store);
         assert_eq!(entries, [("bob".to_owned(), 8)]);
         assert!(store.message_header(7).unwrap().is_none());
         assert_eq!(store.message_data(8).unwrap().unwrap(), big);
