@@ -725,8 +725,8 @@ impl WaveReading {
         }
     }
 
-    /// Where the machine's CPU went per sign-on between this reading and
-    /// `until`.
+    /// Where the machine's CPU went between this reading and `until`, per
+    /// one of the `events` (sign-ons of a wave, or messages sent).
     fn cost_until(&self, until: &WaveReading, events: usize) -> Option<CpuCost> {
         let (from_server, until_server) = (self.server?, until.server?);
         let (from_sim, until_sim) = (self.simulator_cpu_secs?, until.simulator_cpu_secs?);
