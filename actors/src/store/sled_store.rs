@@ -205,6 +205,13 @@ impl Db {
         self.after_pending(|db| db.apply_batch(batch))
     }
 
+    /// Applies the pending writes and flushes, holding their lock until
+    /// the disk has the flush: writers and point readers wait for it.
+    /// Releasing the lock after the apply was measured slower (durable
+    /// sends: 0.28 against 0.25 ms of server CPU per message, BENCHMARKS
+    /// "Message writes gathered for the flush"): the mailbox actor that
+    /// waits out a flush then stores the sends that arrived meanwhile in
+    /// one wake-up.
     fn flush(&self) -> Result<usize, sled::Error> {
         self.after_pending(|db| db.flush())
     }
