@@ -399,6 +399,9 @@ impl SledStore {
     fn drop_lost_message(&self, seq: u64) -> Result<(), StoreError> {
         let db = self.db();
         db.usable()?;
+        // `lost_message` reads sled itself (it also serves a backup's copy,
+        // which has no pending writes): apply this handle's first.
+        db.watch(db.settle())?;
         let (batch, header) = lost_message(&db, seq)?;
         match &header {
             Some(header) => log::error!(
