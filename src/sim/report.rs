@@ -248,6 +248,9 @@ impl Report {
                 "baseline: {:.0} bare TLS exchanges/s ({} at once), {:.1} argon2 verifies/s",
                 b.tls_exchanges_per_sec, b.tls_concurrency, b.argon2_verifies_per_sec
             );
+            if let Some(us) = b.tls_server_cpu_us_per_exchange {
+                let _ = writeln!(out, "  the TLS server's CPU per bare exchange {us:.1} µs");
+            }
             if b.tls_exchanges_per_sec > 0.0 && self.messages_per_sec > 0.0 {
                 let _ = writeln!(
                     out,

@@ -9,7 +9,8 @@
 //!   online; time to that point and the server's CPU per sign-on, fan-out
 //!   included.
 //! - **W3**: 5,000 messages queued for offline users, who then sign on and
-//!   receive them; the server's CPU per message stored and delivered.
+//!   receive them; the server's CPU per message stored and delivered,
+//!   and beside it (with `--baseline`) the floor of two bare TLS exchanges.
 //!
 //! `--warm` signs everyone on and off once first, so that the measured wave
 //! finds passwords already verified (the login cache), as on a server that
@@ -105,6 +106,9 @@ pub enum Figures {
         server_cpu_us_per_message: Option<f64>,
         store_cpu_us_per_message: Option<f64>,
         deliver_cpu_us_per_message: Option<f64>,
+        /// Two bare TLS exchanges of the baseline's server (one stream to
+        /// store, one to deliver): what any server of this protocol pays.
+        tls_floor_us_per_message: Option<f64>,
     },
 }
 
@@ -141,6 +145,11 @@ impl Figures {
                     })),
                     store_cpu_us_per_message: per(queue.and_then(|q| q.store_cpu_secs)),
                     deliver_cpu_us_per_message: per(queue.and_then(|q| q.deliver_cpu_secs)),
+                    tls_floor_us_per_message: report
+                        .baseline
+                        .as_ref()
+                        .and_then(|b| b.tls_server_cpu_us_per_exchange)
+                        .map(|us| 2.0 * us),
                 }
             }
         }
@@ -200,6 +209,7 @@ impl Figures {
                 server_cpu_us_per_message,
                 store_cpu_us_per_message,
                 deliver_cpu_us_per_message,
+                tls_floor_us_per_message,
             } => {
                 let _ = writeln!(
                     out,
@@ -212,6 +222,12 @@ impl Figures {
                     shown(*store_cpu_us_per_message, 1),
                     shown(*deliver_cpu_us_per_message, 1)
                 );
+                if let Some(floor) = tls_floor_us_per_message {
+                    let _ = writeln!(
+                        out,
+                        "  two bare TLS exchanges     {floor:.1} µs (the baseline's server, per message)"
+                    );
+                }
             }
         }
         out
