@@ -68,6 +68,23 @@ pub struct CpuCost {
     pub simulator_ms: f64,
 }
 
+impl CpuCost {
+    /// argon2's part of all the CPU a cold sign-on costs, the simulator's
+    /// included. With the simulator on the same cores as the server, the
+    /// sign-on rate can be at most this part of the argon2 rate.
+    pub fn argon2_share(&self) -> Option<f64> {
+        let all = self.server_argon2_ms + self.server_other_ms + self.simulator_ms;
+        (self.server_argon2_ms > 0.0).then(|| self.server_argon2_ms / all)
+    }
+
+    /// argon2's part of the server's own CPU per cold sign-on: the same
+    /// ceiling for a server whose clients run elsewhere.
+    pub fn argon2_share_of_server(&self) -> Option<f64> {
+        let server = self.server_argon2_ms + self.server_other_ms;
+        (self.server_argon2_ms > 0.0).then(|| self.server_argon2_ms / server)
+    }
+}
+
 /// This machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
@@ -214,6 +231,14 @@ impl Report {
                 "  of which argon2 {:.3} ms, the rest of the server {:.3} ms; simulator {:.3} ms",
                 cost.server_argon2_ms, cost.server_other_ms, cost.simulator_ms
             );
+            if let Some((all, server)) = cost.argon2_share().zip(cost.argon2_share_of_server()) {
+                let _ = writeln!(
+                    out,
+                    "  argon2's share: {all:.3} of all this CPU, {server:.3} of the server's \
+                     (the most sign-ons/s ÷ argon2 verifies/s can be, with and without \
+                     the simulator on the same cores)"
+                );
+            }
         }
         if let Some(cost) = &self.send_cost {
             let _ = writeln!(
@@ -373,4 +398,26 @@ fn plot(title: &str, lines: &[(&str, Vec<f64>)]) -> String {
     }
     svg.push_str("</svg>");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuCost;
+
+    #[test]
+    fn argon2s_share_is_of_all_the_cpu_or_of_the_servers() {
+        let cold = CpuCost {
+            server_argon2_ms: 17.0,
+            server_other_ms: 1.0,
+            simulator_ms: 2.0,
+        };
+        assert_eq!(cold.argon2_share(), Some(17.0 / 20.0));
+        assert_eq!(cold.argon2_share_of_server(), Some(17.0 / 18.0));
+        let warm = CpuCost {
+            server_argon2_ms: 0.0,
+            ..cold
+        };
+        assert_eq!(warm.argon2_share(), None);
+        assert_eq!(warm.argon2_share_of_server(), None);
+    }
 }
