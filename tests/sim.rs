@@ -144,7 +144,15 @@ fn named_workloads_report_their_figures() {
         "the measured wave is warm: no password is hashed"
     );
 
-    let w3 = sim_json(&["--scenario", "w3", "--queued", "200"]);
+    let w3 = sim_json(&[
+        "--scenario",
+        "w3",
+        "--queued",
+        "200",
+        "--baseline",
+        "--baseline-secs",
+        "0.3",
+    ]);
     let figures = &w3["workload"];
     assert_eq!(figures["workload"], "w3", "{w3}");
     assert_eq!(
@@ -156,6 +164,13 @@ fn named_workloads_report_their_figures() {
     let delivered = figures["deliver_cpu_us_per_message"].as_f64().unwrap();
     assert!(per_message > 0.0, "{figures}");
     assert!((per_message - stored - delivered).abs() < 1e-6);
+    // The floor beside W3 is two of the baseline's bare exchanges.
+    let per_exchange = w3["baseline"]["tls_server_cpu_us_per_exchange"]
+        .as_f64()
+        .unwrap();
+    let floor = figures["tls_floor_us_per_message"].as_f64().unwrap();
+    assert!(per_exchange > 0.0, "{w3}");
+    assert!((floor - 2.0 * per_exchange).abs() < 1e-6, "{figures}");
     for report in [&w1, &w2, &w3] {
         assert_eq!(report["verdict"]["lost"], 0);
         assert_eq!(report["verdict"]["missed_presence"], 0);
