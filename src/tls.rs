@@ -35,7 +35,7 @@ impl Identity {
 
 /// SHA-256 of a DER certificate, as colon-separated upper-case hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02X}"))
@@ -43,11 +43,13 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .join(":")
 }
 
-/// ring, with AES-128-GCM/SHA-256 preferred: as strong as needed here and
-/// cheaper per handshake than the SHA-384 suite, which matters when every
-/// message is a connection of its own.
+/// aws-lc-rs, with AES-128-GCM/SHA-256 preferred: as strong as needed here
+/// and cheaper per handshake than the SHA-384 suite, which matters when
+/// every message is a connection of its own. Its key exchange groups are
+/// its defaults: X25519 first, and the hybrid X25519MLKEM768 for clients
+/// that prefer it (the server follows the client's order).
 fn provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.sort_by_key(|suite| {
         use rustls::CipherSuite::*;
         match suite.suite() {
@@ -129,7 +131,7 @@ pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>> {
         .context("TLS protocol versions")?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    config.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS ticketer")?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("TLS ticketer")?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
     Ok(Arc::new(config))
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use ring::hmac;
+use aws_lc_rs::hmac;
 use thiserror::Error;
 use tokio::sync::Semaphore;
 
@@ -74,7 +74,7 @@ impl Authenticator {
         store: Arc<dyn Directory>,
         settings: AuthSettings,
     ) -> Result<Authenticator, AuthError> {
-        let rng = ring::rand::SystemRandom::new();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| AuthError::Hash("no system randomness".into()))?;
         let pool = HashPool::start(settings.parallel_hashes.max(1))?;

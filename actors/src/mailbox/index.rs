@@ -101,7 +101,7 @@ pub(crate) fn no_such_message() -> StreamError {
 pub fn digest(recipients: &[String], data: &[u8]) -> Vec<u8> {
     let mut sorted: Vec<&str> = recipients.iter().map(String::as_str).collect();
     sorted.sort_unstable();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for recipient in sorted {
         ctx.update(recipient.as_bytes());
         ctx.update(b"\n");
