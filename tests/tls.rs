@@ -173,65 +173,17 @@ async fn the_clients_preferred_key_exchange_is_taken_hybrid_post_quantum_include
 
     let mut provider = default_provider();
     provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519];
-    let provider = std::sync::Arc::new(provider);
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    // The development certificate is its own issuer: trusted as a root, it
+    // verifies through the ordinary path, signatures and name included.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_of(&server.data_dir)).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+        .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = Connector::new(std::sync::Arc::new(config));
     let hybrid = connector.connect(server.message_addr).await.unwrap();
     let group = hybrid.get_ref().1.negotiated_key_exchange_group().unwrap();
     assert_eq!(group.name(), rustls::NamedGroup::X25519MLKEM768);
-}
-
-/// Accepts any certificate (the key exchange is what is tested), still
-/// checking the handshake's signature with it.
-#[derive(Debug)]
-struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
