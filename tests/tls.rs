@@ -187,3 +187,29 @@ async fn the_clients_preferred_key_exchange_is_taken_hybrid_post_quantum_include
     let group = hybrid.get_ref().1.negotiated_key_exchange_group().unwrap();
     assert_eq!(group.name(), rustls::NamedGroup::X25519MLKEM768);
 }
+
+/// The contract's development certificate: ECDSA P-256, for `localhost`,
+/// `127.0.0.1` and `::1`, and for no other name.
+#[tokio::test]
+async fn the_development_certificate_is_ecdsa_p256_for_localhost_and_both_loopbacks() {
+    use rustls_pki_types::{PrivateKeyDer, ServerName};
+    let server = TestServer::start();
+    let (cert, key) = csm::tls::dev_cert_paths(&server.data_dir);
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        key.secret_der(),
+    )
+    .expect("a P-256 key");
+
+    // Trusted as a CA of its own, the certificate's names are checked.
+    let config = csm::tls::ca_client_config(&cert).unwrap();
+    for name in ["localhost", "127.0.0.1", "::1", "example.com"] {
+        let connector = Connector::named(
+            config.clone(),
+            ServerName::try_from(name.to_owned()).unwrap(),
+        );
+        let verified = connector.connect(server.session_addr).await.is_ok();
+        assert_eq!(verified, name != "example.com", "{name}");
+    }
+}
