@@ -228,6 +228,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_contracts_defaults_are_the_defaults() {
+        let config = Config::default();
+        assert_eq!(config.data_dir, PathBuf::from("./csm-data"));
+        assert!(config.session_addr.ends_with(":4710"));
+        assert!(config.message_addr.ends_with(":4711"));
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
     }

@@ -143,10 +143,10 @@ fn locked_store_without_socket_is_a_clear_error() {
 }
 
 /// The real binary: starts on a fresh directory with a self-signed
-/// certificate, serves a client, and exits 0 on SIGTERM; restarts reuse the
-/// certificate.
+/// certificate, serves a client, and exits 0 on SIGTERM, and on SIGINT the
+/// second time; restarts reuse the certificate.
 #[tokio::test]
-async fn binary_serves_and_stops_on_sigterm_and_reuses_its_certificate() {
+async fn binary_serves_and_stops_on_sigterm_or_sigint_and_reuses_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let mut fingerprints = Vec::new();
     for round in 0..2 {
@@ -189,9 +189,10 @@ async fn binary_serves_and_stops_on_sigterm_and_reuses_its_certificate() {
                 .await
                 .unwrap();
         alice.close().await;
-        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        let (signal, name) = [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")][round];
+        unsafe { libc::kill(child.0.id() as i32, signal) };
         let status = child.0.wait().unwrap();
-        assert_eq!(status.code(), Some(0), "graceful exit on SIGTERM");
+        assert_eq!(status.code(), Some(0), "graceful exit on {name}");
         let mut log = String::new();
         std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut log).unwrap();
         assert!(
