@@ -350,8 +350,10 @@ impl Handler<SendOne> for SimUser {
         let connector = self.connector.clone();
         let (name, password) = (self.name.clone(), self.password.clone());
         let message_addr = world.home(self.index).message;
-        // Its own task, as for a receive.
+        // Its own task, as for a receive. The data is made once the send
+        // has a stream: a backlog of sends waiting for one holds no data.
         actix::spawn(async move {
+            let _permit = world.streams.clone().acquire_owned().await;
             let data = content::message_for(&msg.id, &world.content);
             world.ledger.scheduled(
                 &msg.id,
@@ -360,7 +362,6 @@ impl Handler<SendOne> for SimUser {
                 content::digest(&data),
                 msg.scheduled,
             );
-            let _permit = world.streams.clone().acquire_owned().await;
             let outgoing = Outgoing {
                 username: &name,
                 password: &password,
