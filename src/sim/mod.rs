@@ -751,7 +751,6 @@ fn cpu_between(from: Option<ProcessUsage>, until: Option<ProcessUsage>) -> Optio
 /// users sign on half-way. Returns the number of sends it started.
 async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<u64> {
     let scenario = driver.scenario.clone();
-    let ledger = driver.world.ledger.clone();
     let names: Vec<String> = driver.credentials.iter().map(|(n, _)| n.clone()).collect();
     let nonce = id_nonce();
     let start = Instant::now();
@@ -809,7 +808,6 @@ async fn steady(driver: &mut Driver, later: Vec<usize>) -> Result<u64> {
             toggled += 1;
         }
     }
-    let _ = ledger;
     Ok(sent)
 }
 
